@@ -1,0 +1,104 @@
+"""Graph API errors as typed exceptions, chosen by Meta's numeric `code` (never by the title).
+
+The same codes arrive synchronously in a send response and later inside a `failed` status, so
+both paths map through `GraphError.from_error_object`.
+"""
+
+from typing import Any, Dict, Mapping, Optional, Type
+
+
+class GraphError(Exception):
+    """An error answered by the Cloud API (or a transport failure dressed as one)."""
+
+    retryable = False
+
+    def __init__(
+        self,
+        code: Optional[int],
+        message: str,
+        http_status: Optional[int] = None,
+        details: Optional[str] = None,
+        fbtrace_id: Optional[str] = None,
+    ) -> None:
+        super().__init__(f"Graph error {code}: {message}" + (f" ({details})" if details else ""))
+        self.code = code
+        self.message = message
+        self.http_status = http_status
+        self.details = details
+        self.fbtrace_id = fbtrace_id
+
+    @classmethod
+    def from_error_object(cls, error: Mapping[str, Any], http_status: Optional[int] = None) -> "GraphError":
+        """Build the typed error for Graph's `error` object (or a status's `errors[]` item)."""
+        code = error.get("code")
+        code = code if isinstance(code, int) and not isinstance(code, bool) else None
+        error_data = error.get("error_data")
+        details = error_data.get("details") if isinstance(error_data, Mapping) else None
+        error_class = _BY_CODE.get(code) if code is not None else None
+        if error_class is None:
+            error_class = TransientError if http_status is not None and http_status >= 500 else GraphError
+        return error_class(
+            code=code,
+            message=str(error.get("message") or error.get("title") or "unknown error"),
+            http_status=http_status,
+            details=str(details) if details else None,
+            fbtrace_id=error.get("fbtrace_id"),
+        )
+
+    @classmethod
+    def from_response(cls, http_status: int, body: Any) -> "GraphError":
+        error = body.get("error") if isinstance(body, Mapping) else None
+        if isinstance(error, Mapping):
+            return cls.from_error_object(error, http_status)
+        text = str(body)[:200] if body else "no body"
+        fallback = TransientError if http_status >= 500 else GraphError
+        return fallback(code=None, message=f"HTTP {http_status}: {text}", http_status=http_status)
+
+
+class AuthError(GraphError):
+    """190: the access token is invalid or expired."""
+
+
+class ReEngagementRequired(GraphError):
+    """131047: the customer last wrote more than 24 h ago; only a template may go out."""
+
+
+class Undeliverable(GraphError):
+    """131026: no WhatsApp account, an old app, or unaccepted terms; retrying cannot help."""
+
+
+class TemplateError(GraphError):
+    """132xxx: the template or its parameters do not match what Meta approved."""
+
+
+class TransientError(GraphError):
+    """Meta or the network failed for now: 131000, 131016, 1, 2, HTTP 5xx, timeouts."""
+
+    retryable = True
+
+
+class RateLimited(TransientError):
+    """130429 (throughput), 131056 (same customer too fast), 131057 (maintenance), 4, 80007."""
+
+
+_BY_CODE: Dict[int, Type[GraphError]] = {
+    190: AuthError,
+    131047: ReEngagementRequired,
+    131026: Undeliverable,
+    130429: RateLimited,
+    131056: RateLimited,
+    131057: RateLimited,
+    4: RateLimited,
+    80007: RateLimited,
+    131000: TransientError,
+    131016: TransientError,
+    1: TransientError,
+    2: TransientError,
+    132000: TemplateError,
+    132001: TemplateError,
+    132005: TemplateError,
+    132007: TemplateError,
+    132012: TemplateError,
+    132015: TemplateError,
+    132016: TemplateError,
+}

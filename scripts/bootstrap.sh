@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Makes the project runnable from a fresh clone: a Python 3.10 venv with the pinned
+# requirements (recreated when requirements.txt changes) and a trained model (retrained when
+# config.yml, domain.yml or data/ change). Sourced by run.sh and test.sh.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+ROOT=$PWD
+VENV=$ROOT/.venv
+MODEL=$ROOT/models/whatsapp-demo.tar.gz
+export TF_CPP_MIN_LOG_LEVEL=2 SQLALCHEMY_SILENCE_UBER_WARNING=1 PYTHONDONTWRITEBYTECODE=1
+
+find_python310() {
+  local candidate
+  for candidate in "${PYTHON310:-}" python3.10 /root/.pyenv/versions/3.10*/bin/python3.10 \
+      "$HOME"/.pyenv/versions/3.10*/bin/python3.10 /usr/bin/python3.10 /usr/local/bin/python3.10; do
+    [ -n "$candidate" ] || continue
+    if "$candidate" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 10))' >/dev/null 2>&1; then
+      command -v "$candidate" || echo "$candidate"
+      return 0
+    fi
+  done
+  echo "bootstrap: Python 3.10 not found (rasa 3.6 needs it); set PYTHON310=/path/to/python3.10" >&2
+  return 1
+}
+
+requirements_hash=$(sha256sum requirements.txt | cut -d' ' -f1)
+if [ "$(cat "$VENV/.requirements.sha256" 2>/dev/null)" != "$requirements_hash" ]; then
+  python310=$(find_python310)
+  echo "bootstrap: creating $VENV with $python310 and installing requirements.txt (about a minute)"
+  rm -rf "$VENV"
+  "$python310" -m venv "$VENV"
+  "$VENV/bin/python" -m pip install --quiet --upgrade pip==24.2
+  "$VENV/bin/python" -m pip install --quiet -r requirements.txt
+  echo "$requirements_hash" > "$VENV/.requirements.sha256"
+fi
+
+training_hash=$(cat config.yml domain.yml $(find data -type f | sort) | sha256sum | cut -d' ' -f1)
+if [ ! -f "$MODEL" ] || [ "$(cat "$MODEL.sha256" 2>/dev/null)" != "$training_hash" ]; then
+  echo "bootstrap: training the model (config.yml, domain.yml or data/ changed)"
+  "$VENV/bin/rasa" train --fixed-model-name whatsapp-demo --out models --quiet
+  echo "$training_hash" > "$MODEL.sha256"
+fi

@@ -1,0 +1,173 @@
+"""The webhook blueprint through Sanic's ASGI test client, with Rasa's own `register`.
+
+`app.ctx.agent` is a recorder standing in for Rasa's Agent: what reaches it is exactly what
+Rasa's `handle_message` would get. The end-to-end tests drive the real Agent.
+"""
+
+import json
+import uuid
+
+import pytest
+from sanic import Sanic
+
+from rasa.core.channels.channel import register
+
+from connector.channel import WhatsAppInput, WhatsAppOutput
+from connector.signature import sign
+from tests.fixtures.loader import webhook, webhook_body
+
+SECRET = "test-app-secret"
+CREDENTIALS = {
+    "access_token": "test-token",
+    "phone_number_id": "106540352242922",
+    "app_secret": SECRET,
+    "verify_token": "test-verify",
+    "api_url": "http://127.0.0.1:9",
+    "api_version": "v23.0",
+}
+URL = "/webhooks/whatsapp/webhook"
+
+
+class RecordingAgent:
+    def __init__(self):
+        self.messages = []
+
+    async def handle_message(self, message):
+        self.messages.append(message)
+
+
+@pytest.fixture
+def channel():
+    return WhatsAppInput.from_credentials(CREDENTIALS)
+
+
+@pytest.fixture
+def app(channel):
+    Sanic.test_mode = True
+    app = Sanic(f"whatsapp_test_{uuid.uuid4().hex[:8]}")
+    app.ctx.agent = RecordingAgent()
+    register([channel], app, route="/webhooks/")
+    return app
+
+
+async def post(app, body: bytes, signature="valid"):
+    headers = {"content-type": "application/json"}
+    if signature == "valid":
+        headers["x-hub-signature-256"] = sign(body, SECRET)
+    elif signature is not None:
+        headers["x-hub-signature-256"] = signature
+    _, response = await app.asgi_client.post(URL, content=body, headers=headers)
+    return response
+
+
+async def delivered(app, channel):
+    await channel.turns.drain()
+    return app.ctx.agent.messages
+
+
+async def test_handshake_answers_the_challenge(app):
+    params = {"hub.mode": "subscribe", "hub.verify_token": "test-verify", "hub.challenge": "1158201444"}
+    _, response = await app.asgi_client.get(URL, params=params)
+    assert response.status == 200 and response.text == "1158201444"
+
+
+@pytest.mark.parametrize("params", [
+    {"hub.mode": "subscribe", "hub.verify_token": "wrong", "hub.challenge": "1"},
+    {"hub.mode": "unsubscribe", "hub.verify_token": "test-verify", "hub.challenge": "1"},
+    {},
+])
+async def test_handshake_with_wrong_token_is_forbidden(app, params):
+    _, response = await app.asgi_client.get(URL, params=params)
+    assert response.status == 403
+
+
+async def test_signed_text_reaches_rasa_with_wamid_and_metadata(app, channel):
+    response = await post(app, webhook_body("text"))
+    assert response.status == 200
+    (message,) = await delivered(app, channel)
+    assert message.text == "Hi, is my order on its way?"
+    assert message.sender_id == "16315551181"
+    assert message.message_id == "wamid.HBgLMTYzMTU1NTExODEVAgASGBQM0E0QTY1OTlBRUUwMzgxMDE0NDAAA="
+    assert message.input_channel == "whatsapp"
+    assert isinstance(message.output_channel, WhatsAppOutput)
+    assert message.metadata["whatsapp"]["timestamp"] == 1732543200
+    assert message.metadata["whatsapp"]["profile_name"] == "Kerry Fisher"
+
+
+async def test_unsigned_post_is_401_and_reaches_no_bot(app, channel, caplog):
+    response = await post(app, webhook_body("text"), signature=None)
+    assert response.status == 401
+    assert await delivered(app, channel) == []
+    assert "no X-Hub-Signature-256" in caplog.text
+
+
+@pytest.mark.parametrize("signature", ["sha256=" + "0" * 64, "sha256=nothex", "garbage", sign(b"{}", SECRET)])
+async def test_forged_post_is_403_and_reaches_no_bot(app, channel, signature):
+    response = await post(app, webhook_body("text"), signature=signature)
+    assert response.status == 403
+    assert await delivered(app, channel) == []
+
+
+async def test_signature_with_another_secret_is_403(app, channel):
+    body = webhook_body("text")
+    response = await post(app, body, signature=sign(body, "not-the-app-secret"))
+    assert response.status == 403
+    assert await delivered(app, channel) == []
+
+
+@pytest.mark.parametrize("body", [b"not json", b"", b"[1, 2]", b'{"object": "whatsapp_business_account", "entry": 5}', b"\xff\xfe"])
+async def test_malformed_body_is_400_with_a_log_line(app, channel, body, caplog):
+    response = await post(app, body)
+    assert response.status == 400
+    assert "Webhook refused" in caplog.text
+    assert await delivered(app, channel) == []
+
+
+async def test_batch_of_three_customers_reaches_rasa_three_times(app, channel):
+    response = await post(app, webhook_body("batch_three_customers"))
+    assert response.status == 200
+    messages = await delivered(app, channel)
+    assert sorted(m.sender_id for m in messages) == ["16315551181", "16315551182", "16315551183"]
+
+
+async def test_one_customers_batch_keeps_its_order(app, channel):
+    await post(app, webhook_body("batch_two_messages_one_value"))
+    assert [m.text for m in await delivered(app, channel)] == ["Two quick questions", "Do you ship to Canada?"]
+
+
+async def test_statuses_and_non_text_messages_never_reach_rasa(app, channel, caplog):
+    for name in ["status_read", "status_failed_131047", "image_no_caption", "reaction", "unsupported", "account_update"]:
+        response = await post(app, webhook_body(name))
+        assert response.status == 200, name
+    assert await delivered(app, channel) == []
+    assert "code=131047" in caplog.text
+    assert "has no text for Rasa" in caplog.text
+
+
+async def test_a_broken_item_is_logged_and_the_rest_delivered(app, channel, caplog):
+    body = webhook("batch_three_customers")
+    del body["entry"][0]["changes"][0]["value"]["messages"][0]["id"]
+    response = await post(app, json.dumps(body).encode())
+    assert response.status == 200
+    assert len(await delivered(app, channel)) == 2
+    assert "missing 'id'" in caplog.text
+
+
+async def test_button_tap_with_intent_payload(app, channel):
+    body = webhook("interactive_button_reply")
+    body["entry"][0]["changes"][0]["value"]["messages"][0]["interactive"]["button_reply"]["id"] = "/order_status"
+    await post(app, json.dumps(body).encode())
+    (message,) = await delivered(app, channel)
+    assert message.text == "/order_status"
+    assert message.metadata["whatsapp"]["reply"]["title"] == "Confirm"
+
+
+async def test_username_customer_uses_user_id_as_sender(app, channel):
+    await post(app, webhook_body("username_user_id_only"))
+    (message,) = await delivered(app, channel)
+    assert message.sender_id == "US.13491208655302741918"
+
+
+async def test_health(app):
+    _, response = await app.asgi_client.get("/webhooks/whatsapp/")
+    assert response.status == 200

@@ -1,0 +1,59 @@
+import pytest
+
+from connector.config import ChannelConfig, ConfigError
+
+VALID = {
+    "access_token": "EAAG-token",
+    "phone_number_id": "106540352242922",
+    "app_secret": "secret",
+    "verify_token": "verify",
+    "api_url": "http://127.0.0.1:5090/",
+    "api_version": "v23.0",
+}
+
+
+def test_valid_block_is_read_and_normalised():
+    config = ChannelConfig.from_credentials(VALID)
+    assert config.api_url == "http://127.0.0.1:5090"
+    assert config.messages_url == "http://127.0.0.1:5090/v23.0/106540352242922/messages"
+    assert config.request_timeout == 10.0
+
+
+def test_defaults_for_empty_api_url_and_version():
+    config = ChannelConfig.from_credentials({**VALID, "api_url": "", "api_version": None})
+    assert config.api_url == "https://graph.facebook.com"
+    assert config.api_version == "v23.0"
+
+
+@pytest.mark.parametrize(
+    "change, bad_key",
+    [
+        ({"access_token": ""}, "access_token"),
+        ({"app_secret": None}, "app_secret"),
+        ({"verify_token": "   "}, "verify_token"),
+        ({"phone_number_id": "+1 555 078 3881"}, "phone_number_id"),
+        ({"api_url": "graph.facebook.com"}, "api_url"),
+        ({"api_version": "23"}, "api_version"),
+        ({"request_timeout": 0}, "request_timeout"),
+        ({"request_timeout": "10"}, "request_timeout"),
+        ({"acess_token": "typo"}, "acess_token"),
+        ({"access_token": ["a"]}, "access_token"),
+    ],
+)
+def test_bad_setting_is_named(change, bad_key):
+    with pytest.raises(ConfigError) as raised:
+        ChannelConfig.from_credentials({**VALID, **change})
+    assert raised.value.key == bad_key
+    assert f"'{bad_key}'" in str(raised.value)
+
+
+def test_missing_block():
+    with pytest.raises(ConfigError, match="access_token"):
+        ChannelConfig.from_credentials(None)
+
+
+def test_missing_required_key():
+    block = dict(VALID)
+    del block["app_secret"]
+    with pytest.raises(ConfigError, match="'app_secret' is missing"):
+        ChannelConfig.from_credentials(block)
