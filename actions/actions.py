@@ -1,0 +1,213 @@
+"""Custom actions for the demo shop bot.
+
+Run with ``rasa run actions --actions actions`` from the project root.
+"""
+
+import json
+import re
+from datetime import date
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Text
+
+from rasa_sdk import Action, FormValidationAction, Tracker
+from rasa_sdk.events import EventType, SlotSet
+from rasa_sdk.executor import CollectingDispatcher
+from rasa_sdk.types import DomainDict
+
+# Looked up next to this file, so the action server can be started from any cwd.
+ORDERS_FILE = Path(__file__).resolve().parent / "orders.json"
+
+OPT_IN_SLOT = "whatsapp_opt_in"
+
+_ORDER_ID_RE = re.compile(r"\d{4,8}")
+# A 4-8 digit number standing on its own inside a longer reply ("it's 10042").
+_ORDER_ID_IN_TEXT_RE = re.compile(r"(?<![\w])\d{4,8}(?![\w])")
+
+
+def load_orders(path: Path = ORDERS_FILE) -> Dict[Text, Dict[Text, Any]]:
+    """Read the demo order "database" (a dict keyed by order number)."""
+    with path.open(encoding="utf-8") as f:
+        return json.load(f)
+
+
+def normalize_order_id(value: Any) -> Optional[Text]:
+    """Return the order number in ``value`` as a digit string, or None.
+
+    Accepts "10042", " #10042 " and replies such as "it's 10042"; rejects
+    anything without exactly one 4-8 digit number.
+    """
+    if value is None:
+        return None
+    text = str(value).strip()
+    if text.startswith("#"):
+        text = text[1:].strip()
+    if _ORDER_ID_RE.fullmatch(text):
+        return text
+    found = _ORDER_ID_IN_TEXT_RE.findall(text.replace("#", " "))
+    if len(found) == 1:
+        return found[0]
+    return None
+
+
+def _format_date(value: Optional[Text]) -> Optional[Text]:
+    if not value:
+        return None
+    try:
+        d = date.fromisoformat(value)
+    except ValueError:
+        return value
+    return f"{d.day} {d.strftime('%B')}"
+
+
+def describe_order(order_id: Text, order: Dict[Text, Any]) -> Text:
+    """A one-message, human-friendly description of an order's status."""
+    status = order.get("status", "unknown")
+    item = order.get("item")
+    what = f"Order {order_id} ({item})" if item else f"Order {order_id}"
+    eta = _format_date(order.get("eta"))
+
+    if status == "shipped":
+        carrier = order.get("carrier")
+        text = f"{what} has shipped"
+        if carrier:
+            text += f" with {carrier}"
+        if eta:
+            text += f" and should arrive by {eta}"
+        return text + "."
+    if status == "processing":
+        text = f"{what} is being prepared"
+        if eta:
+            text += f" and should ship by {eta}"
+        return text + "."
+    if status == "delivered":
+        delivered_on = _format_date(order.get("delivered_on"))
+        if delivered_on:
+            return f"{what} was delivered on {delivered_on}."
+        return f"{what} has been delivered."
+    if status == "cancelled":
+        return (
+            f"{what} was cancelled. If that's unexpected, ask to talk to a "
+            "person and a colleague will look into it."
+        )
+    return f"{what} is {status}."
+
+
+class ActionCheckOrderStatus(Action):
+    """Look up the order in ``order_id`` and tell the customer its status."""
+
+    def name(self) -> Text:
+        return "action_check_order_status"
+
+    async def run(
+        self,
+        dispatcher: CollectingDispatcher,
+        tracker: Tracker,
+        domain: DomainDict,
+    ) -> List[EventType]:
+        order_id = normalize_order_id(tracker.get_slot("order_id"))
+        if order_id is None:
+            dispatcher.utter_message(response="utter_ask_order_id")
+            return [SlotSet("order_id", None), SlotSet("order_status", None)]
+
+        order = load_orders().get(order_id)
+        if order is None:
+            dispatcher.utter_message(
+                text=(
+                    f"I couldn't find an order with number {order_id}. Please "
+                    "check the number in your confirmation email and send it "
+                    "again, or ask to talk to a person."
+                )
+            )
+            # Forget the wrong number so the next attempt asks again.
+            return [SlotSet("order_id", None), SlotSet("order_status", None)]
+
+        dispatcher.utter_message(text=describe_order(order_id, order))
+        return [
+            SlotSet("order_id", order_id),
+            SlotSet("order_status", order.get("status")),
+        ]
+
+
+def _is_stale_order_id(tracker: Tracker) -> bool:
+    """True if the form is starting and the latest message named no order.
+
+    ``order_id`` keeps the last order checked (``utter_order_update`` uses
+    it), so "where is my order?" later in the conversation would otherwise
+    skip the question and report that old order again.
+    """
+    if tracker.get_slot("requested_slot") == "order_id":
+        return False  # the customer is answering "What's your order number?"
+    entities = (tracker.latest_message or {}).get("entities") or []
+    return not any(e.get("entity") == "order_id" for e in entities)
+
+
+class ValidateOrderForm(FormValidationAction):
+    """Accept only order numbers of 4 to 8 digits."""
+
+    def name(self) -> Text:
+        return "validate_order_form"
+
+    def validate_order_id(
+        self,
+        slot_value: Any,
+        dispatcher: CollectingDispatcher,
+        tracker: Tracker,
+        domain: DomainDict,
+    ) -> Dict[Text, Any]:
+        if _is_stale_order_id(tracker):
+            # The form is being activated and the number is left over from an
+            # earlier check: drop it (silently) so the form asks which order.
+            return {"order_id": None}
+
+        order_id = normalize_order_id(slot_value)
+        if order_id is None:
+            dispatcher.utter_message(
+                text=(
+                    "That doesn't look like an order number. It's 4 to 8 "
+                    "digits long, like 10042."
+                )
+            )
+            return {"order_id": None}
+        return {"order_id": order_id}
+
+
+class ActionOptIn(Action):
+    """Record the customer's opt-in to proactive order updates."""
+
+    def name(self) -> Text:
+        return "action_opt_in"
+
+    async def run(
+        self,
+        dispatcher: CollectingDispatcher,
+        tracker: Tracker,
+        domain: DomainDict,
+    ) -> List[EventType]:
+        dispatcher.utter_message(
+            text=(
+                "You'll get updates about your orders here. "
+                "Reply STOP at any time to stop."
+            )
+        )
+        return [SlotSet(OPT_IN_SLOT, True)]
+
+
+class ActionOptOut(Action):
+    """Record the customer's opt-out from proactive order updates."""
+
+    def name(self) -> Text:
+        return "action_opt_out"
+
+    async def run(
+        self,
+        dispatcher: CollectingDispatcher,
+        tracker: Tracker,
+        domain: DomainDict,
+    ) -> List[EventType]:
+        dispatcher.utter_message(
+            text=(
+                "Done, I won't send you order updates any more. "
+                "Send \"subscribe\" if you change your mind."
+            )
+        )
+        return [SlotSet(OPT_IN_SLOT, False)]

@@ -1,0 +1,299 @@
+"""Unit tests for the demo bot's custom actions (actions/actions.py).
+
+They use the real rasa_sdk Tracker / CollectingDispatcher, the real
+actions/orders.json and the real domain.yml; no Rasa server is needed.
+"""
+
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import pytest
+import yaml
+from rasa_sdk import Tracker
+from rasa_sdk.events import SlotSet
+from rasa_sdk.executor import CollectingDispatcher
+
+from actions import actions
+from actions.actions import (
+    ActionCheckOrderStatus,
+    ActionOptIn,
+    ActionOptOut,
+    ValidateOrderForm,
+    load_orders,
+    normalize_order_id,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def domain() -> Dict[str, Any]:
+    with (ROOT / "domain.yml").open(encoding="utf-8") as f:
+        return yaml.safe_load(f)
+
+
+@pytest.fixture(scope="module")
+def orders() -> Dict[str, Dict[str, Any]]:
+    with (ROOT / "actions" / "orders.json").open(encoding="utf-8") as f:
+        return json.load(f)
+
+
+def make_tracker(
+    slots: Optional[Dict[str, Any]] = None,
+    text: str = "",
+    intent: str = "order_status",
+    events: Optional[List[Dict[str, Any]]] = None,
+    active_loop: Optional[Dict[str, Any]] = None,
+    entities: Optional[List[Dict[str, Any]]] = None,
+) -> Tracker:
+    latest_message = {
+        "text": text,
+        "intent": {"name": intent, "confidence": 1.0},
+        "entities": list(entities or []),
+    }
+    return Tracker(
+        sender_id="test-user",
+        slots=dict(slots or {}),
+        latest_message=latest_message,
+        events=list(events or [{"event": "user", "text": text, "parse_data": latest_message}]),
+        paused=False,
+        followup_action=None,
+        active_loop=active_loop or {},
+        latest_action_name="action_listen",
+    )
+
+
+def texts(dispatcher: CollectingDispatcher) -> List[str]:
+    return [m.get("text") or "" for m in dispatcher.messages]
+
+
+# --- orders data -----------------------------------------------------------
+
+
+def test_orders_file_is_found_next_to_the_actions_module(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # the lookup must not depend on the cwd
+    assert actions.ORDERS_FILE == ROOT / "actions" / "orders.json"
+    assert load_orders() == json.loads(actions.ORDERS_FILE.read_text())
+
+
+def test_orders_file_has_a_dozen_valid_orders(orders):
+    assert len(orders) >= 12
+    statuses = {o["status"] for o in orders.values()}
+    assert {"shipped", "processing", "delivered", "cancelled"} <= statuses
+    for order_id, order in orders.items():
+        assert normalize_order_id(order_id) == order_id
+        assert order["item"]
+
+
+# --- action_check_order_status ---------------------------------------------
+
+
+async def test_check_order_status_found(domain, orders):
+    dispatcher = CollectingDispatcher()
+    tracker = make_tracker(slots={"order_id": "10042"})
+
+    events = await ActionCheckOrderStatus().run(dispatcher, tracker, domain)
+
+    assert ActionCheckOrderStatus().name() == "action_check_order_status"
+    assert events == [SlotSet("order_id", "10042"), SlotSet("order_status", "shipped")]
+    [message] = texts(dispatcher)
+    assert "10042" in message
+    assert "shipped" in message
+    assert orders["10042"]["item"] in message
+    assert orders["10042"]["carrier"] in message
+
+
+@pytest.mark.parametrize("order_id", ["10043", "10044", "10045"])
+async def test_check_order_status_reports_each_status(domain, orders, order_id):
+    dispatcher = CollectingDispatcher()
+    tracker = make_tracker(slots={"order_id": order_id})
+
+    events = await ActionCheckOrderStatus().run(dispatcher, tracker, domain)
+
+    status = orders[order_id]["status"]
+    assert SlotSet("order_status", status) in events
+    [message] = texts(dispatcher)
+    assert order_id in message
+    assert {"processing": "being prepared", "delivered": "delivered",
+            "cancelled": "cancelled"}[status] in message
+
+
+async def test_check_order_status_accepts_hash_prefix(domain):
+    dispatcher = CollectingDispatcher()
+    tracker = make_tracker(slots={"order_id": "#10046"})
+
+    events = await ActionCheckOrderStatus().run(dispatcher, tracker, domain)
+
+    assert events == [SlotSet("order_id", "10046"), SlotSet("order_status", "shipped")]
+
+
+async def test_check_order_status_unknown_order(domain, orders):
+    assert "99999" not in orders
+    dispatcher = CollectingDispatcher()
+    tracker = make_tracker(slots={"order_id": "99999"})
+
+    events = await ActionCheckOrderStatus().run(dispatcher, tracker, domain)
+
+    assert events == [SlotSet("order_id", None), SlotSet("order_status", None)]
+    [message] = texts(dispatcher)
+    assert "couldn't find" in message
+    assert "99999" in message
+
+
+async def test_check_order_status_without_order_id_asks_for_it(domain):
+    dispatcher = CollectingDispatcher()
+    tracker = make_tracker(slots={"order_id": None})
+
+    events = await ActionCheckOrderStatus().run(dispatcher, tracker, domain)
+
+    assert dispatcher.messages[0]["response"] == "utter_ask_order_id"
+    assert SlotSet("order_status", None) in events
+
+
+# --- opt in / opt out --------------------------------------------------------
+
+
+async def test_opt_in_sets_slot_true(domain):
+    dispatcher = CollectingDispatcher()
+    tracker = make_tracker(slots={"whatsapp_opt_in": None}, text="subscribe", intent="opt_in")
+
+    events = await ActionOptIn().run(dispatcher, tracker, domain)
+
+    assert ActionOptIn().name() == "action_opt_in"
+    assert events == [SlotSet("whatsapp_opt_in", True)]
+    [message] = texts(dispatcher)
+    assert "updates about your orders" in message
+    assert "STOP" in message
+
+
+async def test_opt_out_sets_slot_false(domain):
+    dispatcher = CollectingDispatcher()
+    tracker = make_tracker(slots={"whatsapp_opt_in": True}, text="unsubscribe", intent="opt_out")
+
+    events = await ActionOptOut().run(dispatcher, tracker, domain)
+
+    assert ActionOptOut().name() == "action_opt_out"
+    assert events == [SlotSet("whatsapp_opt_in", False)]
+    [message] = texts(dispatcher)
+    assert "won't send you order updates" in message
+
+
+def test_opt_in_slot_is_declared_as_the_channel_expects(domain):
+    slot = domain["slots"]["whatsapp_opt_in"]
+    assert slot["type"] == "bool"
+    assert slot["influence_conversation"] is False
+    assert "initial_value" not in slot
+
+
+# --- validate_order_form ------------------------------------------------------
+
+ASKED = {"requested_slot": "order_id"}  # the form asked "What's your order number?"
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        ("10042", "10042"),
+        ("1234", "1234"),
+        ("12345678", "12345678"),
+        ("#10042", "10042"),
+        (" 10042 ", "10042"),
+        ("it's 10042", "10042"),
+    ],
+)
+def test_validate_order_id_accepts_4_to_8_digits(domain, value, expected):
+    dispatcher = CollectingDispatcher()
+    tracker = make_tracker(slots=ASKED, text=str(value), intent="inform_order_id")
+    result = ValidateOrderForm().validate_order_id(value, dispatcher, tracker, domain)
+
+    assert result == {"order_id": expected}
+    assert dispatcher.messages == []
+
+
+@pytest.mark.parametrize(
+    "value", ["abc", "12", "123", "123456789", "10042 or 10043", "", None, "1o042"]
+)
+def test_validate_order_id_rejects_everything_else(domain, value):
+    dispatcher = CollectingDispatcher()
+    tracker = make_tracker(slots=ASKED, text=str(value), intent="inform_order_id")
+    result = ValidateOrderForm().validate_order_id(value, dispatcher, tracker, domain)
+
+    assert result == {"order_id": None}
+    [message] = texts(dispatcher)
+    assert "4 to 8 digits" in message
+
+
+def test_validate_order_id_at_activation_uses_number_from_the_message(domain):
+    # "status of order 10044": the form starts with order_id already extracted.
+    dispatcher = CollectingDispatcher()
+    tracker = make_tracker(
+        slots={"order_id": "10044"},
+        text="status of order 10044",
+        entities=[{"entity": "order_id", "value": "10044", "start": 16, "end": 21}],
+    )
+
+    result = ValidateOrderForm().validate_order_id("10044", dispatcher, tracker, domain)
+
+    assert result == {"order_id": "10044"}
+    assert dispatcher.messages == []
+
+
+def test_validate_order_id_at_activation_drops_number_left_from_earlier(domain):
+    # "where is my order?" after an earlier check: ask again instead of
+    # silently re-reporting the old order.
+    dispatcher = CollectingDispatcher()
+    tracker = make_tracker(slots={"order_id": "10042"}, text="where is my order?")
+
+    result = ValidateOrderForm().validate_order_id("10042", dispatcher, tracker, domain)
+
+    assert result == {"order_id": None}
+    assert dispatcher.messages == []
+
+
+def _form_tracker(value: Any, text: str) -> Tracker:
+    """A tracker as Rasa sends it to validate_order_form: the slot candidate
+    is the last event after the user's message, the form is active."""
+    latest_message = {
+        "text": text,
+        "intent": {"name": "inform_order_id", "confidence": 1.0},
+        "entities": [],
+    }
+    events = [
+        {"event": "active_loop", "name": "order_form"},
+        {"event": "slot", "name": "requested_slot", "value": "order_id"},
+        {"event": "action", "name": "action_listen"},
+        {"event": "user", "text": text, "parse_data": latest_message},
+        {"event": "slot", "name": "order_id", "value": value},
+    ]
+    return Tracker(
+        sender_id="test-user",
+        slots={"order_id": value, "requested_slot": "order_id"},
+        latest_message=latest_message,
+        events=events,
+        paused=False,
+        followup_action=None,
+        active_loop={"name": "order_form"},
+        latest_action_name="action_listen",
+    )
+
+
+async def test_validate_order_form_run_accepts(domain):
+    dispatcher = CollectingDispatcher()
+    form = ValidateOrderForm()
+
+    events = await form.run(dispatcher, _form_tracker("#10042", "#10042"), domain)
+
+    assert form.name() == "validate_order_form"
+    assert SlotSet("order_id", "10042") in events
+    assert dispatcher.messages == []
+
+
+async def test_validate_order_form_run_rejects(domain):
+    dispatcher = CollectingDispatcher()
+
+    events = await ValidateOrderForm().run(dispatcher, _form_tracker("abc", "abc"), domain)
+
+    assert SlotSet("order_id", None) in events
+    [message] = texts(dispatcher)
+    assert "doesn't look like an order number" in message
