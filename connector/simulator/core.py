@@ -1,0 +1,316 @@
+"""The simulator's behaviour, independent of HTTP routing: sending as the Cloud API would accept it,
+and playing customers to the bot.
+
+Handlers in `cloud_api.py` and `control_api.py` only translate requests to these calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import re
+from typing import Any, Dict, List, Optional, Tuple
+
+from aiohttp import web
+
+from . import payloads
+from .delivery import BotUnreachable, WebhookDelivery
+from .errors import GraphError, webhook_error
+from .render import describe
+from .settings import Settings
+from .state import WINDOW_SECONDS, Conversation, Record, SimState
+from .templates import Template, TemplateRegistry
+from .validate import is_mark_read, recipient_of, validate_send
+
+log = logging.getLogger("connector.simulator")
+
+BSUID = re.compile(r"^[A-Z]{2}\.")
+PLACEHOLDER_MEDIA = b"simulated media content\n"
+
+
+def api_version(version: str) -> float:
+    try:
+        return float(version.lstrip("vV"))
+    except ValueError:
+        return 0.0
+
+
+def normalise_recipient(value: str) -> str:
+    """Meta accepts `+1 (555) 000-1234` and answers with the digits; BSUIDs are kept as given."""
+    if BSUID.match(value):
+        return value
+    digits = "".join(ch for ch in value if ch.isdigit())
+    return digits or value
+
+
+class Simulator:
+    """One simulated WhatsApp Business phone number talking to one bot."""
+
+    def __init__(self, settings: Settings, registry: TemplateRegistry, state: Optional[SimState] = None):
+        self.settings = settings
+        self.registry = registry
+        self.state = state or SimState(settings)
+        self.delivery = WebhookDelivery(settings, self.state)
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.delivery.start()
+
+    async def close(self) -> None:
+        await self.delivery.close()
+
+    async def reset(self) -> None:
+        await self.delivery.forget_pending()
+        self.state.reset()
+
+    # --- Cloud API: auth -------------------------------------------------------------------
+
+    def check_auth(self, authorization: Optional[str], query_token: Optional[str]) -> None:
+        token = query_token
+        if authorization:
+            scheme, _, value = authorization.partition(" ")
+            token = value.strip() if scheme.lower() == "bearer" else None
+        if token != self.settings.access_token:
+            raise GraphError(190, "Error validating access token: the token is invalid or was not sent as 'Authorization: Bearer <token>'.")
+
+    def check_phone_number_id(self, phone_number_id: str) -> None:
+        if phone_number_id != self.settings.phone_number_id:
+            raise GraphError(
+                100,
+                f"Unsupported post request. Object with ID '{phone_number_id}' does not exist, cannot be loaded "
+                "due to missing permissions, or does not support this operation.",
+                error_type="GraphMethodException",
+            )
+
+    def reject(self, error: GraphError, body: Any = None) -> GraphError:
+        """Count a rejection (and log it on the addressed conversation) before it is answered."""
+        self.state.stats.rejected[error.code] += 1
+        if isinstance(body, dict) and isinstance(body.get("to", body.get("recipient")), str) and recipient_of(body):
+            conv = self.state.resolve(normalise_recipient(recipient_of(body)))
+            conv.rejected.append({"timestamp": self.state.now(), "code": error.code, "details": error.details, "payload": body})
+            self.state.changed()
+        log.info("rejected send: (#%s) %s", error.code, error.details)
+        return error
+
+    # --- Cloud API: sending ----------------------------------------------------------------
+
+    async def send(self, version: str, body: Any) -> Dict[str, Any]:
+        """`POST /{version}/{phone_number_id}/messages` after auth; raises `GraphError`."""
+        if is_mark_read(body):
+            return self.mark_read(body)
+        fault = self.state.faults.popleft() if self.state.faults else None
+        async_code: Optional[int] = None
+        if fault is not None:
+            self.state.stats.faults_served += 1
+            if fault.get("delay"):
+                await asyncio.sleep(float(fault["delay"]))
+            error = fault_error(fault)
+            if error is not None:
+                raise error
+            async_code = int(fault["async_code"]) if fault.get("async_code") else None
+        template = validate_send(body, self.registry)
+        kind = body.get("type", "text")
+        raw_to = recipient_of(body)
+        to = normalise_recipient(raw_to)
+        conv = self.state.resolve(to)
+        now = self.state.now()
+        in_window = conv.window_open(now)
+        if kind != "template" and not in_window:
+            self.state.stats.window_violations += 1
+            log.warning("24-hour window violation: %s to %s (last inbound %s, now %s)", kind, to, conv.last_inbound_at, now)
+            if self.state.window_errors == "sync":
+                raise GraphError(131047)
+            async_code = 131047
+        wamid = self.state.new_wamid(conv.wa_id, outbound=True)
+        record = Record(
+            direction="out", wamid=wamid, timestamp=now, type=kind, payload=body,
+            text=describe(body, template), status="accepted",
+        )
+        self.state.stats.accepted += 1
+        self.state.add(conv, record)
+        self._schedule_statuses(conv, record, version, template, in_window, async_code, body.get("biz_opaque_callback_data"))
+        contact: Dict[str, str] = {"input": raw_to}
+        if BSUID.match(to) and "to" not in body:
+            contact["user_id"] = to
+        else:
+            contact["wa_id"] = to
+        return {"messaging_product": "whatsapp", "contacts": [contact], "messages": [{"id": wamid}]}
+
+    def mark_read(self, body: Dict[str, Any]) -> Dict[str, Any]:
+        if body.get("messaging_product") != "whatsapp":
+            raise GraphError(100, "The parameter messaging_product is required and must be 'whatsapp'.")
+        found = self.state.find(str(body.get("message_id")))
+        if found is None:
+            raise GraphError(100, f"Invalid parameter: message_id {body.get('message_id')!r} is not a message of this number.")
+        _, record = found
+        if record.direction == "in":
+            record.status = "read"
+            record.read_at = self.state.now()
+            if isinstance(body.get("typing_indicator"), dict):
+                record.typing_indicator = True
+        self.state.stats.marked_read += 1
+        self.state.changed()
+        return {"success": True}
+
+    def _schedule_statuses(
+        self, conv: Conversation, record: Record, version: str, template: Optional[Template],
+        in_window: bool, async_code: Optional[int], opaque: Optional[str],
+    ) -> None:
+        category = template.category.lower() if template else "service"
+        free = template is None or (category == "utility" and in_window)
+        with_conversation = api_version(version) < 24
+        conversation_id = hashlib.md5(f"{conv.wa_id}:{category}:{conv.last_inbound_at}".encode()).hexdigest()
+        meta = payloads.metadata(self.settings.display_phone_number, self.settings.phone_number_id)
+
+        def build(status: str):
+            def _build() -> Dict[str, Any]:
+                now = self.state.now()
+                errors = [webhook_error(async_code)] if status == "failed" else None
+                conversation = None
+                if with_conversation and status != "failed":
+                    conversation = {"id": conversation_id, "origin": {"type": category}}
+                    if status == "sent":
+                        conversation["expiration_timestamp"] = str(now + WINDOW_SECONDS)
+                item = payloads.status_object(
+                    wamid=record.wamid, status=status, timestamp=now,
+                    recipient_id=None if BSUID.match(conv.wa_id) else conv.wa_id,
+                    recipient_user_id=conv.user_id,
+                    category=category, free=free, conversation=conversation, errors=errors,
+                    biz_opaque_callback_data=opaque,
+                )
+                record.status = status
+                record.statuses.append(status)
+                if errors:
+                    record.errors = errors
+                self.state.changed()
+                value = payloads.statuses_value(meta, [item])
+                return payloads.envelope([payloads.entry(self.settings.business_account_id, [payloads.change(value)])])
+            return _build
+
+        if async_code is not None:
+            self.delivery.enqueue_status(build("failed"))
+            return
+        for status in self.state.statuses:
+            self.delivery.enqueue_status(build(status))
+
+    # --- playing customers -----------------------------------------------------------------
+
+    def _prepare_inbound(self, wa_id: str, spec: Dict[str, Any]) -> Tuple[Conversation, Record, Dict[str, Any], Tuple]:
+        """Build one customer message and record it *before* the bot sees it: a bot that replies
+        while handling the webhook must already find the window open."""
+        if not isinstance(spec, dict):
+            raise payloads.SpecError("a customer message must be a JSON object")
+        existing = self.state.conversations.get(wa_id)
+        ts = spec.get("timestamp")
+        try:
+            ts = int(ts) if ts is not None else self.state.now()
+        except (TypeError, ValueError):
+            raise payloads.SpecError("timestamp must be unix seconds") from None
+        default_context = next(
+            (m.wamid for m in reversed(existing.messages if existing else [])
+             if m.direction == "out" and m.type in ("interactive", "template")),
+            None,
+        )
+        wamid = self.state.new_wamid(wa_id, outbound=False)
+        message = payloads.customer_message(
+            spec, wamid=wamid, timestamp=ts, wa_id=wa_id,
+            display_phone_number=self.settings.display_phone_number,
+            store_media=self.store_placeholder_media,
+            default_context_id=default_context,
+        )
+        conv = self.state.conversation(wa_id)
+        undo = (existing is None, conv.last_inbound_at, conv.name, conv.user_id)
+        conv.name = spec.get("name") or conv.name or payloads.default_name(wa_id)
+        conv.user_id = spec.get("user_id") or conv.user_id
+        conv.last_inbound_at = ts
+        contact = payloads.contact(
+            wa_id, conv.name, user_id=spec.get("user_id"), username=spec.get("username"),
+            omit_wa_id=bool(spec.get("omit_wa_id")),
+        )
+        record = Record(direction="in", wamid=wamid, timestamp=ts, type=message["type"], payload=message,
+                        text=describe(message), status="received")
+        self.state.add(conv, record)
+        return conv, record, contact, undo
+
+    def _rollback(self, prepared: List[Tuple[Conversation, Record, Dict[str, Any], Tuple]]) -> None:
+        for conv, record, _, undo in reversed(prepared):
+            created, conv.last_inbound_at, conv.name, conv.user_id = undo
+            self.state.remove(conv, record)
+            if created and not conv.messages:
+                self.state.conversations.pop(conv.wa_id, None)
+
+    async def play(self, items: List[Tuple[str, Dict[str, Any]]], *, split_entries: bool = False) -> Dict[str, Any]:
+        """Deliver customer messages to the bot in ONE signed webhook POST.
+
+        Messages are grouped per customer: one `changes[]` item each (holding all of that
+        customer's `messages[]`), in one `entry[]` or one entry per customer (`split_entries`).
+        Raises `BotUnreachable` after undoing everything when the bot cannot be reached.
+        """
+        if not items:
+            raise payloads.SpecError("no messages to play")
+        prepared = []
+        try:
+            for wa_id, spec in items:
+                prepared.append(self._prepare_inbound(wa_id, spec))
+        except Exception:
+            self._rollback(prepared)
+            raise
+        groups: Dict[str, Dict[str, Any]] = {}
+        for conv, record, contact, _ in prepared:
+            group = groups.setdefault(conv.wa_id, {"contact": contact, "messages": []})
+            group["contact"] = contact
+            group["messages"].append(record.payload)
+        meta = payloads.metadata(self.settings.display_phone_number, self.settings.phone_number_id)
+        changes = [payloads.change(payloads.messages_value(meta, [g["contact"]], g["messages"])) for g in groups.values()]
+        waba = self.settings.business_account_id
+        if split_entries:
+            entries = [payloads.entry(waba, [c]) for c in changes]
+        else:
+            entries = [payloads.entry(waba, changes)]
+        body = payloads.envelope(entries)
+        try:
+            status, _ = await self.delivery.post(body)
+        except BotUnreachable:
+            self._rollback(prepared)
+            raise
+        for _, record, _, _ in prepared:
+            record.webhook_status = status
+        self.state.stats.inbound_messages += len(prepared)
+        self.state.changed()
+        return {
+            "wamids": [r.wamid for _, r, _, _ in prepared],
+            "timestamps": [r.timestamp for _, r, _, _ in prepared],
+            "webhook_status": status,
+            "body": body,
+        }
+
+    # --- media -----------------------------------------------------------------------------
+
+    def store_placeholder_media(self, kind: str, mime_type: str) -> str:
+        media_id = payloads.new_media_id()
+        self.state.media[media_id] = (PLACEHOLDER_MEDIA + kind.encode(), mime_type)
+        return media_id
+
+    def store_media(self, data: bytes, mime_type: str) -> str:
+        media_id = payloads.new_media_id()
+        self.state.media[media_id] = (data, mime_type)
+        return media_id
+
+
+SIM = web.AppKey("simulator", Simulator)
+
+
+def fault_error(fault: Dict[str, Any]) -> Optional[GraphError]:
+    """A queued fault as the error to answer, or None when it only delays / fails later."""
+    status = fault.get("status")
+    code = fault.get("code")
+    if status is None and code is None:
+        return None
+    status = int(status if status is not None else 400)
+    if status < 400:
+        return None
+    if code is None:
+        code = 130429 if status == 429 else (2 if status >= 500 else 1)
+    return GraphError(int(code), fault.get("details"), http_status=status, message=fault.get("message"))

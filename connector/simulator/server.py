@@ -1,0 +1,39 @@
+"""App factory: wires settings, templates, state and both APIs into one aiohttp application."""
+
+from __future__ import annotations
+
+import logging
+from typing import AsyncIterator, Optional
+
+from aiohttp import web
+
+from . import cloud_api, control_api
+from .core import SIM, Simulator
+from .settings import Settings
+from .state import Clock, SimState
+from .templates import TemplateRegistry
+
+log = logging.getLogger("connector.simulator")
+
+
+def create_app(settings: Settings, *, clock: Optional[Clock] = None) -> web.Application:
+    """A ready-to-run simulator app; the webhook session opens and closes with the app."""
+    registry = TemplateRegistry.load(settings.templates_path)
+    simulator = Simulator(settings, registry, SimState(settings, clock))
+    app = web.Application(client_max_size=16 * 1024 * 1024)
+    app[SIM] = simulator
+
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        await simulator.start()
+        log.info(
+            "simulating phone number %s (%s); bot webhook %s; window errors %s; statuses %s",
+            settings.phone_number_id, settings.display_phone_number, settings.bot_webhook_url,
+            settings.window_errors, ",".join(settings.statuses) or "none",
+        )
+        yield
+        await simulator.close()
+
+    app.cleanup_ctx.append(lifecycle)
+    cloud_api.add_routes(app)
+    control_api.add_routes(app)
+    return app

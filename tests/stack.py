@@ -1,0 +1,176 @@
+"""Starts the real thing as processes: the Cloud API simulator, the action server and `rasa run`
+with the WhatsApp channel, wired together on free local ports. Used by the end-to-end tests and
+by bench/."""
+
+import json
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = ROOT / "models" / "whatsapp-demo.tar.gz"
+BIN = Path(sys.executable).parent
+
+PHONE_NUMBER_ID = "106540352242922"
+ACCESS_TOKEN = "e2e-access-token"
+APP_SECRET = "e2e-app-secret"
+VERIFY_TOKEN = "e2e-verify-token"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def http(method: str, url: str, body: Any = None, headers: Optional[Dict[str, str]] = None, timeout: float = 30):
+    """(status, parsed JSON or text) — plain urllib so the harness shares nothing with the code under test."""
+    data = None
+    headers = dict(headers or {})
+    if body is not None:
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        headers.setdefault("Content-Type", "application/json")
+    request = urllib.request.Request(url, data=data, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            status, raw = response.status, response.read()
+    except urllib.error.HTTPError as error:
+        status, raw = error.code, error.read()
+    try:
+        return status, json.loads(raw)
+    except ValueError:
+        return status, raw.decode(errors="replace")
+
+
+class Stack:
+    def __init__(self, workdir: Path, window_errors: str = "async") -> None:
+        self.workdir = workdir
+        self.window_errors = window_errors
+        self.sim_port, self.actions_port, self.rasa_port = free_port(), free_port(), free_port()
+        self.auth_token = secrets.token_urlsafe(16)
+        self.processes: List[subprocess.Popen] = []
+        self.logs: Dict[str, Path] = {}
+
+    @property
+    def sim_url(self) -> str:
+        return f"http://127.0.0.1:{self.sim_port}"
+
+    @property
+    def rasa_url(self) -> str:
+        return f"http://127.0.0.1:{self.rasa_port}"
+
+    @property
+    def webhook_url(self) -> str:
+        return f"{self.rasa_url}/webhooks/whatsapp/webhook"
+
+    def env(self) -> Dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            PYTHONPATH=str(ROOT),
+            TF_CPP_MIN_LOG_LEVEL="2",
+            SQLALCHEMY_SILENCE_UBER_WARNING="1",
+            WHATSAPP_ACCESS_TOKEN=ACCESS_TOKEN,
+            WHATSAPP_PHONE_NUMBER_ID=PHONE_NUMBER_ID,
+            WHATSAPP_APP_SECRET=APP_SECRET,
+            WHATSAPP_VERIFY_TOKEN=VERIFY_TOKEN,
+            WHATSAPP_API_URL=self.sim_url,
+            SIM_BOT_WEBHOOK_URL=self.webhook_url,
+        )
+        return env
+
+    def start(self) -> "Stack":
+        if not MODEL.exists():
+            raise RuntimeError(f"{MODEL} is missing: run `bash scripts/test.sh` (it trains the model)")
+        endpoints = self.workdir / "endpoints.yml"
+        endpoints.write_text(
+            f'action_endpoint:\n  url: "http://127.0.0.1:{self.actions_port}/webhook"\n'
+            f'tracker_store:\n  type: SQL\n  dialect: "sqlite"\n  db: "{self.workdir / "tracker.db"}"\n'
+        )
+        self._spawn("simulator", [
+            str(BIN / "python"), "-m", "connector.simulator", "serve", "--port", str(self.sim_port),
+            "--window-errors", self.window_errors,
+        ])
+        self._spawn("actions", [str(BIN / "rasa"), "run", "actions", "--actions", "actions", "--port", str(self.actions_port)])
+        self._spawn("rasa", [
+            str(BIN / "rasa"), "run", "--model", str(MODEL), "--port", str(self.rasa_port),
+            "--credentials", str(ROOT / "credentials.yml"), "--endpoints", str(endpoints),
+            "--enable-api", "--auth-token", self.auth_token,
+        ])
+        self._wait_ready("simulator", f"{self.sim_url}/_sim/health")
+        self._wait_ready("actions", f"http://127.0.0.1:{self.actions_port}/health")
+        self._wait_ready("rasa", f"{self.rasa_url}/status?token={self.auth_token}")
+        return self
+
+    def stop(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                process.terminate()
+        for process in self.processes:
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+    def log(self, name: str) -> str:
+        return self.logs[name].read_text(errors="replace")
+
+    # --- playing a customer through the simulator -------------------------------------------
+
+    def customer_says(self, wa_id: str, spec: Any) -> Dict[str, Any]:
+        body = {"text": spec} if isinstance(spec, str) else spec
+        status, answer = http("POST", f"{self.sim_url}/_sim/customers/{wa_id}/messages", body)
+        assert status == 200, answer
+        return answer
+
+    def wait_outbound(self, wa_id: str, count: int, timeout: float = 30) -> List[Dict[str, Any]]:
+        """The bot's messages to a customer once there are at least `count` of them."""
+        status, conversation = http(
+            "GET", f"{self.sim_url}/_sim/conversations/{wa_id}/wait?outbound={count}&timeout={timeout}",
+            timeout=timeout + 5,
+        )
+        assert status == 200, f"fewer than {count} bot messages to {wa_id}: {conversation}"
+        return [m for m in conversation["messages"] if m["direction"] == "out"]
+
+    def conversation(self, wa_id: str) -> Dict[str, Any]:
+        status, conversation = http("GET", f"{self.sim_url}/_sim/conversations/{wa_id}")
+        assert status == 200, conversation
+        return conversation
+
+    def stats(self) -> Dict[str, Any]:
+        return http("GET", f"{self.sim_url}/_sim/stats")[1]
+
+    def tracker(self, sender_id: str) -> Dict[str, Any]:
+        status, tracker = http("GET", f"{self.rasa_url}/conversations/{sender_id}/tracker?token={self.auth_token}")
+        assert status == 200, tracker
+        return tracker
+
+    # --- internals ----------------------------------------------------------------------------
+
+    def _spawn(self, name: str, command: List[str]) -> None:
+        self.logs[name] = self.workdir / f"{name}.log"
+        log = open(self.logs[name], "wb")
+        self.processes.append(
+            subprocess.Popen(command, cwd=ROOT, env=self.env(), stdout=log, stderr=subprocess.STDOUT)
+        )
+
+    def _wait_ready(self, name: str, url: str, timeout: float = 120) -> None:
+        process = self.processes[list(self.logs).index(name)]
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(f"{name} exited with {process.returncode}:\n{self.log(name)[-3000:]}")
+            try:
+                if http("GET", url, timeout=2)[0] == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.25)
+        raise RuntimeError(f"{name} not ready after {timeout}s:\n{self.log(name)[-3000:]}")

@@ -1,0 +1,138 @@
+"""End to end: real `rasa run` with the WhatsApp channel, the real action server and the Cloud
+API simulator as separate processes, talking HTTP. Each test plays its own customer."""
+
+import itertools
+import json
+
+import pytest
+
+from connector.signature import sign
+from tests.stack import APP_SECRET, VERIFY_TOKEN, Stack, http
+
+pytestmark = pytest.mark.e2e
+
+_numbers = itertools.count(1)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    stack = Stack(tmp_path_factory.mktemp("e2e"))
+    try:
+        yield stack.start()
+    finally:
+        stack.stop()
+
+
+@pytest.fixture
+def wa_id():
+    return f"4915{next(_numbers):09d}"
+
+
+def bodies(messages):
+    return [m["payload"] for m in messages]
+
+
+def test_hi_gets_the_greeting_with_reply_buttons(stack, wa_id):
+    stack.customer_says(wa_id, "hi")
+    (reply,) = bodies(stack.wait_outbound(wa_id, 1))
+    assert reply["to"] == wa_id and reply["messaging_product"] == "whatsapp"
+    assert reply["type"] == "interactive"
+    assert reply["interactive"]["body"]["text"].startswith("Hi!")
+    buttons = [b["reply"] for b in reply["interactive"]["action"]["buttons"]]
+    assert [b["id"] for b in buttons] == ["/order_status", "/opt_in", "/human_handoff"]
+
+
+def test_order_status_walks_through_the_custom_action(stack, wa_id):
+    stack.customer_says(wa_id, {"button_reply": {"id": "/order_status", "title": "Order status"}})
+    asked = bodies(stack.wait_outbound(wa_id, 1))[-1]
+    assert "order number" in asked["text"]["body"]
+    stack.customer_says(wa_id, "10042")
+    answer = bodies(stack.wait_outbound(wa_id, 2))[-1]
+    assert "10042" in answer["text"]["body"] and "shipped" in answer["text"]["body"]
+    slots = stack.tracker(wa_id)["slots"]
+    assert (slots["order_id"], slots["order_status"]) == ("10042", "shipped")
+
+
+def test_message_id_and_whatsapp_timestamp_are_stored_on_the_tracker(stack, wa_id):
+    written_at = int(http("GET", f"{stack.sim_url}/_sim/clock")[1]["now"]) - 60
+    sent = stack.customer_says(wa_id, {"text": "hello", "timestamp": written_at, "name": "Ada"})
+    stack.wait_outbound(wa_id, 1)
+    (user_event,) = [e for e in stack.tracker(wa_id)["events"] if e["event"] == "user"]
+    assert user_event["message_id"] == sent["wamid"]
+    assert user_event["input_channel"] == "whatsapp"
+    whatsapp = user_event["metadata"]["whatsapp"]
+    assert (whatsapp["timestamp"], whatsapp["wa_id"], whatsapp["profile_name"]) == (written_at, wa_id, "Ada")
+
+
+def test_batch_of_three_customers_gets_three_replies(stack):
+    customers = [f"4916{next(_numbers):09d}" for _ in range(3)]
+    status, answer = http("POST", f"{stack.sim_url}/_sim/batch", {"messages": [{"wa_id": c, "text": "hi"} for c in customers]})
+    assert status == 200 and answer["webhook_status"] == 200
+    for customer in customers:
+        (reply,) = bodies(stack.wait_outbound(customer, 1))
+        assert reply["type"] == "interactive"
+
+
+@pytest.mark.parametrize("signature, expected", [("missing", 401), ("invalid", 403)])
+def test_forged_or_unsigned_posts_reach_no_bot(stack, wa_id, signature, expected):
+    body = {
+        "object": "whatsapp_business_account",
+        "entry": [{"id": "1", "changes": [{"field": "messages", "value": {
+            "messaging_product": "whatsapp",
+            "metadata": {"display_phone_number": "15550783881", "phone_number_id": "106540352242922"},
+            "contacts": [{"profile": {"name": "Mallory"}, "wa_id": wa_id}],
+            "messages": [{"from": wa_id, "id": f"wamid.forged{wa_id}", "timestamp": "1764000000", "type": "text", "text": {"body": "hi"}}],
+        }}]}],
+    }
+    status, answer = http("POST", f"{stack.sim_url}/_sim/webhook", {"body": body, "signature": signature})
+    assert status == 200 and answer["status"] == expected
+    assert [e for e in stack.tracker(wa_id)["events"] if e["event"] == "user"] == []
+
+
+@pytest.mark.parametrize("body", [b"not json", b"[]", b'{"object": "whatsapp_business_account", "entry": "x"}'])
+def test_malformed_signed_body_is_a_4xx_never_a_500(stack, body):
+    status, _ = http("POST", stack.webhook_url, body, headers={"X-Hub-Signature-256": sign(body, APP_SECRET)})
+    assert status == 400
+
+
+def test_unparseable_message_in_a_batch_does_not_stop_the_others(stack, wa_id):
+    stack.customer_says(wa_id, "hi")  # the simulator (like Meta) only lets replies out to a customer who wrote
+    stack.wait_outbound(wa_id, 1)
+    now = str(int(http("GET", f"{stack.sim_url}/_sim/clock")[1]["now"]))
+    body = {
+        "object": "whatsapp_business_account",
+        "entry": [{"id": "1", "changes": [{"field": "messages", "value": {
+            "messaging_product": "whatsapp",
+            "metadata": {"display_phone_number": "15550783881", "phone_number_id": "106540352242922"},
+            "contacts": [{"profile": {"name": "Ada"}, "wa_id": wa_id}],
+            "messages": [
+                {"from": wa_id, "timestamp": now, "type": "text", "text": {"body": "no id"}},
+                {"from": wa_id, "id": f"wamid.ok{wa_id}", "timestamp": now, "type": "text", "text": {"body": "bye"}},
+                {"from": wa_id, "id": f"wamid.img{wa_id}", "timestamp": now, "type": "image", "image": {"id": "1"}},
+            ],
+        }}]}],
+    }
+    raw = json.dumps(body).encode()
+    status, _ = http("POST", stack.webhook_url, raw, headers={"X-Hub-Signature-256": sign(raw, APP_SECRET)})
+    assert status == 200
+    stack.wait_outbound(wa_id, 2)
+    user_events = [e for e in stack.tracker(wa_id)["events"] if e["event"] == "user"]
+    assert [e["message_id"] for e in user_events][1:] == [f"wamid.ok{wa_id}"]
+    assert "missing 'id'" in stack.log("rasa")
+
+
+def test_subscription_handshake(stack):
+    status, text = http("GET", f"{stack.webhook_url}?hub.mode=subscribe&hub.verify_token={VERIFY_TOKEN}&hub.challenge=42")
+    assert (status, str(text)) == (200, "42")
+    assert http("GET", f"{stack.webhook_url}?hub.mode=subscribe&hub.verify_token=nope&hub.challenge=42")[0] == 403
+
+
+def test_http_api_needs_the_token(stack, wa_id):
+    assert http("GET", f"{stack.rasa_url}/conversations/{wa_id}/tracker")[0] == 401
+
+
+def test_status_webhooks_are_accepted_and_no_message_broke_the_rules(stack):
+    stats = stack.stats()
+    assert stats["window_violations"] == 0
+    assert stats["webhook_failures"] == 0
+    assert stats["accepted"] > 0 and not stats["rejected"]

@@ -1,0 +1,580 @@
+"""The local WhatsApp Cloud API simulator, over real HTTP: a simulator app and a tiny recording bot
+on 127.0.0.1 ephemeral ports. No Rasa involved; waits are on conditions, never fixed sleeps."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any, Awaitable, Callable, Dict, List, Optional
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from connector.signature import is_valid
+from connector.simulator import Settings, create_app
+from connector.simulator import cli
+
+TOKEN = "test-access-token"
+PNID = "106540352242922"
+SECRET = "test-app-secret"
+DISPLAY = "15550001234"
+CUSTOMER = "4915112345678"
+OTHER = "4915187654321"
+DAY = 24 * 60 * 60
+
+
+class Bot:
+    """Stands in for the Rasa channel: records every webhook POST and checks its signature."""
+
+    def __init__(self) -> None:
+        self.posts: List[Dict[str, Any]] = []
+        self.on_message: Optional[Callable[[Dict[str, Any]], Awaitable[None]]] = None
+        self._changed = asyncio.Event()
+
+    async def handle(self, request: web.Request) -> web.Response:
+        raw = await request.read()
+        header = request.headers.get("X-Hub-Signature-256")
+        valid = header is not None and is_valid(raw, header, SECRET)
+        body = json.loads(raw) if raw.strip().startswith((b"{", b"[")) else raw.decode()
+        self.posts.append({"raw": raw, "signature": header, "valid": valid, "body": body})
+        self._changed.set()
+        if not valid:
+            return web.json_response({"error": "bad signature"}, status=403)
+        if self.on_message is not None:
+            for message in self.messages_in(body):
+                await self.on_message(message)
+        return web.json_response({"ok": True})
+
+    @staticmethod
+    def values_in(body: Any) -> List[Dict[str, Any]]:
+        if not isinstance(body, dict):
+            return []
+        return [c["value"] for e in body.get("entry", []) for c in e.get("changes", [])]
+
+    def messages_in(self, body: Any) -> List[Dict[str, Any]]:
+        return [m for v in self.values_in(body) for m in v.get("messages", [])]
+
+    def statuses(self) -> List[Dict[str, Any]]:
+        return [s for p in self.posts for v in self.values_in(p["body"]) for s in v.get("statuses", [])]
+
+    def messages(self) -> List[Dict[str, Any]]:
+        return [m for p in self.posts for m in self.messages_in(p["body"])]
+
+    async def wait_for(self, predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+        async def loop() -> None:
+            while not predicate():
+                self._changed.clear()
+                await self._changed.wait()
+
+        await asyncio.wait_for(loop(), timeout)
+
+
+@pytest.fixture
+async def bot():
+    bot = Bot()
+    app = web.Application()
+    app.router.add_post("/webhooks/whatsapp/webhook", bot.handle)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    bot.url = str(server.make_url("/webhooks/whatsapp/webhook"))
+    yield bot
+    await server.close()
+
+
+@pytest.fixture
+async def make_sim(bot):
+    """Factory: a running simulator (as a TestClient) pointed at the recording bot."""
+    clients: List[TestClient] = []
+
+    async def make(**overrides: Any) -> TestClient:
+        settings = Settings(
+            access_token=TOKEN, phone_number_id=PNID, app_secret=SECRET, display_phone_number=DISPLAY,
+            bot_webhook_url=overrides.pop("bot_webhook_url", bot.url), **overrides,
+        )
+        client = TestClient(TestServer(create_app(settings), host="127.0.0.1"))
+        await client.start_server()
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        await client.close()
+
+
+@pytest.fixture
+async def sim(make_sim):
+    return await make_sim()
+
+
+async def send(sim: TestClient, payload: Dict[str, Any], token: str = TOKEN, pnid: str = PNID, version: str = "v23.0"):
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    resp = await sim.post(f"/{version}/{pnid}/messages", json=payload, headers=headers)
+    return resp.status, await resp.json()
+
+
+async def customer_says(sim: TestClient, wa_id: str = CUSTOMER, **spec: Any) -> Dict[str, Any]:
+    spec = spec or {"text": "hi"}
+    resp = await sim.post(f"/_sim/customers/{wa_id}/messages", json=spec)
+    assert resp.status == 200, await resp.text()
+    return await resp.json()
+
+
+async def stats(sim: TestClient) -> Dict[str, Any]:
+    return await (await sim.get("/_sim/stats")).json()
+
+
+async def conversation(sim: TestClient, wa_id: str = CUSTOMER) -> Dict[str, Any]:
+    resp = await sim.get(f"/_sim/conversations/{wa_id}")
+    assert resp.status == 200
+    return await resp.json()
+
+
+def text(body: str, to: str = CUSTOMER) -> Dict[str, Any]:
+    return {"messaging_product": "whatsapp", "recipient_type": "individual", "to": to, "type": "text", "text": {"body": body}}
+
+
+def interactive(inter: Dict[str, Any], to: str = CUSTOMER) -> Dict[str, Any]:
+    return {"messaging_product": "whatsapp", "to": to, "type": "interactive", "interactive": inter}
+
+
+def buttons(*titles: str, ids: Optional[List[str]] = None) -> Dict[str, Any]:
+    ids = ids or [f"/b{i}" for i in range(len(titles))]
+    return interactive({
+        "type": "button",
+        "body": {"text": "Pick one"},
+        "action": {"buttons": [{"type": "reply", "reply": {"id": i, "title": t}} for i, t in zip(ids, titles)]},
+    })
+
+
+def list_message(rows_per_section: List[int], *, row_title: str = "Row", description: str = "", titled: bool = True,
+                 button: str = "Choose") -> Dict[str, Any]:
+    sections = []
+    for s, n in enumerate(rows_per_section):
+        rows = [{"id": f"s{s}r{r}", "title": row_title, **({"description": description} if description else {})} for r in range(n)]
+        sections.append({**({"title": f"Section {s}"} if titled else {}), "rows": rows})
+    return interactive({"type": "list", "body": {"text": "Orders"}, "action": {"button": button, "sections": sections}})
+
+
+def template(name: str, lang: str = "en_US", components: Optional[List[Dict[str, Any]]] = None, to: str = CUSTOMER):
+    tpl: Dict[str, Any] = {"name": name, "language": {"code": lang}}
+    if components is not None:
+        tpl["components"] = components
+    return {"messaging_product": "whatsapp", "to": to, "type": "template", "template": tpl}
+
+
+def body_params(*values: str) -> List[Dict[str, Any]]:
+    return [{"type": "body", "parameters": [{"type": "text", "text": v} for v in values]}]
+
+
+# --- auth and envelope -----------------------------------------------------------------------
+
+
+async def test_wrong_or_missing_token_is_401_oauth_190(sim):
+    for token in ("wrong-token", None):
+        status, body = await send(sim, text("hi"), token=token)
+        assert status == 401
+        error = body["error"]
+        assert error["code"] == 190
+        assert error["type"] == "OAuthException"
+        assert error["error_data"]["messaging_product"] == "whatsapp"
+        assert error["fbtrace_id"]
+    status, body = await send(sim, text("hi"), pnid="999")
+    assert (status, body["error"]["code"]) == (400, 100)
+    assert (await stats(sim))["rejected"] == {"100": 1, "190": 2}
+
+
+# --- limits ----------------------------------------------------------------------------------
+
+media_both = {"messaging_product": "whatsapp", "to": CUSTOMER, "type": "image", "image": {"id": "1", "link": "https://x/y.jpg"}}
+media_none = {"messaging_product": "whatsapp", "to": CUSTOMER, "type": "image", "image": {"caption": "c"}}
+audio_caption = {"messaging_product": "whatsapp", "to": CUSTOMER, "type": "audio", "audio": {"id": "1", "caption": "c"}}
+long_caption = {"messaging_product": "whatsapp", "to": CUSTOMER, "type": "image", "image": {"id": "1", "caption": "c" * 1025}}
+
+
+@pytest.mark.parametrize(
+    "payload, code",
+    [
+        (text("x" * 4097), 131009),
+        (text(""), 131008),
+        ({**text("hi"), "messaging_product": "sms"}, 100),
+        ({k: v for k, v in text("hi").items() if k != "to"}, 100),
+        ({**text("hi"), "type": "carousel"}, 100),
+        (buttons("A", "B", "C", "D"), 131009),
+        (buttons("x" * 21), 131009),
+        (buttons("A", "B", ids=["/same", "/same"]), 131009),
+        (buttons(ids=[]), 131008),
+        (list_message([6, 5]), 131009),
+        (list_message([11]), 131009),
+        (list_message([2, 2], titled=False), 131008),
+        (list_message([1], row_title="r" * 25), 131009),
+        (list_message([1], description="d" * 73), 131009),
+        (list_message([1], button="b" * 21), 131009),
+        (list_message([1] * 11), 131009),
+        (interactive({"type": "button", "action": {"buttons": []}}), 131008),
+        (interactive({**buttons("A")["interactive"], "footer": {"text": "f" * 61}}), 131009),
+        (interactive({**buttons("A")["interactive"], "header": {"type": "text", "text": "h" * 61}}), 131009),
+        (interactive({**buttons("A")["interactive"], "body": {"text": "b" * 1025}}), 131009),
+        (media_both, 131009),
+        (media_none, 131008),
+        (audio_caption, 131009),
+        (long_caption, 131009),
+        (template("no_such_template"), 132001),
+        (template("order_update", "de"), 132001),
+        (template("order_update"), 132000),
+        (template("order_update", components=body_params("1", "2")), 132000),
+        (template("order_status_update", components=body_params("10042")), 132000),
+        (template("hello_world", components=body_params("extra")), 132000),
+        (template("opt_in_reminder", components=[{"type": "button", "sub_type": "quick_reply", "index": "1",
+                                                  "parameters": [{"type": "payload", "payload": "x"}]}]), 132000),
+        (template("paused_promo"), 132015),
+    ],
+)
+async def test_meta_limits_are_enforced(sim, payload, code):
+    await customer_says(sim)  # window open: only the limit can be the reason
+    status, body = await send(sim, payload)
+    assert status == 400, body
+    assert body["error"]["code"] == code, body
+    assert body["error"]["error_data"]["details"]
+    assert (await stats(sim))["accepted"] == 0
+    conv = await conversation(sim)
+    assert [m["direction"] for m in conv["messages"]] == ["in"]
+    if "to" in payload:
+        assert conv["rejected"][0]["code"] == code
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        text("x" * 4096),
+        buttons("Order status", "x" * 20, "Talk to a person"),
+        list_message([5, 5], row_title="r" * 24, description="d" * 72),
+        list_message([3], titled=False),
+        {"messaging_product": "whatsapp", "to": CUSTOMER, "type": "image", "image": {"link": "https://x/y.jpg", "caption": "c" * 1024}},
+        {"messaging_product": "whatsapp", "to": "+49 151 12345678", "type": "reaction", "reaction": {"message_id": "wamid.X", "emoji": "👍"}},
+        template("hello_world"),
+        template("order_update", components=body_params("10042")),
+        template("order_update", "es", components=body_params("10042")),
+        template("order_status_update", components=body_params("10042", "shipped")),
+        template("opt_in_reminder"),
+        template("opt_in_reminder", components=[{"type": "button", "sub_type": "quick_reply", "index": "0",
+                                                 "parameters": [{"type": "payload", "payload": "Unsubscribe"}]}]),
+    ],
+)
+async def test_valid_messages_are_accepted(sim, payload):
+    await customer_says(sim)
+    status, body = await send(sim, payload)
+    assert status == 200, body
+    assert body["messaging_product"] == "whatsapp"
+    assert body["contacts"] == [{"input": payload["to"], "wa_id": CUSTOMER}]
+    assert body["messages"][0]["id"].startswith("wamid.")
+    assert (await stats(sim))["window_violations"] == 0
+
+
+# --- customer messages -----------------------------------------------------------------------
+
+
+async def test_customer_message_is_a_signed_meta_shaped_webhook(sim, bot):
+    now = (await (await sim.get("/_sim/clock")).json())["now"]
+    played = await customer_says(sim, button_reply={"id": "/order_status", "title": "Order status"})
+    assert played["webhook_status"] == 200
+    assert len(bot.posts) == 1
+    post = bot.posts[0]
+    assert post["valid"]
+    assert b"\\/order_status" in post["raw"]  # Meta escapes slashes: only raw-byte verification passes
+    body = post["body"]
+    assert body["object"] == "whatsapp_business_account"
+    change = body["entry"][0]["changes"][0]
+    assert change["field"] == "messages"
+    value = change["value"]
+    assert value["messaging_product"] == "whatsapp"
+    assert value["metadata"] == {"display_phone_number": DISPLAY, "phone_number_id": PNID}
+    assert value["contacts"] == [{"profile": {"name": "Customer 5678"}, "wa_id": CUSTOMER}]
+    (message,) = value["messages"]
+    assert message["from"] == CUSTOMER
+    assert message["id"] == played["wamid"] and message["id"].startswith("wamid.")
+    assert isinstance(message["timestamp"], str) and abs(int(message["timestamp"]) - now) <= 2
+    assert message["type"] == "interactive"
+    assert message["interactive"] == {"type": "button_reply", "button_reply": {"id": "/order_status", "title": "Order status"}}
+    conv = await conversation(sim)
+    assert conv["window_open"] and conv["last_inbound_at"] == int(message["timestamp"])
+    assert conv["messages"][0]["payload"] == message
+
+
+async def test_message_kinds_and_username_customers(sim, bot):
+    await customer_says(sim, text="hello", name="Ada", context={"id": "wamid.prev"})
+    await customer_says(sim, image={"caption": "my parcel"})
+    await customer_says(sim, button={"payload": "Unsubscribe", "text": "Unsubscribe"})
+    await customer_says(sim, "US.13491208655302741918", text="hi", user_id="US.13491208655302741918", omit_wa_id=True, username="ada")
+    text_msg, image_msg, button_msg, username_msg = bot.messages()
+    assert text_msg["context"] == {"id": "wamid.prev", "from": DISPLAY}
+    assert bot.values_in(bot.posts[0]["body"])[0]["contacts"][0]["profile"]["name"] == "Ada"
+    assert image_msg["type"] == "image" and image_msg["image"]["caption"] == "my parcel"
+    assert button_msg["button"] == {"payload": "Unsubscribe", "text": "Unsubscribe"}
+    contact = bot.values_in(bot.posts[3]["body"])[0]["contacts"][0]
+    assert "wa_id" not in contact and contact["user_id"] == "US.13491208655302741918"
+    assert "from" not in username_msg and username_msg["from_user_id"] == "US.13491208655302741918"
+
+    # media is fetchable the way the connector does it at Meta: GET /{media-id}, then the URL
+    media = await (await sim.get(f"/v23.0/{image_msg['image']['id']}", headers={"Authorization": f"Bearer {TOKEN}"})).json()
+    assert media["mime_type"] == "image/jpeg" and media["id"] == image_msg["image"]["id"]
+    download = await sim.get(media["url"].replace(str(sim.make_url("")).rstrip("/"), ""), headers={"Authorization": f"Bearer {TOKEN}"})
+    assert download.status == 200 and len(await download.read()) == media["file_size"]
+
+    # replying to a username customer by business-scoped user id
+    status, body = await send(sim, {"messaging_product": "whatsapp", "recipient": "US.13491208655302741918", "type": "text", "text": {"body": "hey"}})
+    assert status == 200 and body["contacts"] == [{"input": "US.13491208655302741918", "user_id": "US.13491208655302741918"}]
+    await bot.wait_for(lambda: len(bot.statuses()) == 3)
+    assert bot.statuses()[0]["recipient_user_id"] == "US.13491208655302741918"
+
+
+async def test_unreachable_bot_is_502_and_not_recorded(make_sim):
+    dead = await make_sim(bot_webhook_url="http://127.0.0.1:9/webhook")
+    resp = await dead.post(f"/_sim/customers/{CUSTOMER}/messages", json={"text": "hi"})
+    assert resp.status == 502
+    assert "not delivered" in (await resp.json())["error"]
+    assert (await dead.get(f"/_sim/conversations/{CUSTOMER}")).status == 404
+    assert (await stats(dead))["webhook_failures"] == 1
+    status, body = await send(dead, text("hi"))
+    assert (await stats(dead))["window_violations"] == 1  # the window never opened
+
+
+async def test_batch_is_one_post_holding_every_message(sim, bot):
+    resp = await sim.post("/_sim/batch", json={"messages": [
+        {"wa_id": CUSTOMER, "text": "first"},
+        {"wa_id": OTHER, "text": "other customer"},
+        {"wa_id": CUSTOMER, "text": "second"},
+    ]})
+    assert resp.status == 200
+    result = await resp.json()
+    assert len(result["wamids"]) == 3 and len(set(result["wamids"])) == 3
+    assert len(bot.posts) == 1 and bot.posts[0]["valid"]
+    (entry,) = bot.posts[0]["body"]["entry"]
+    first, second = (c["value"] for c in entry["changes"])
+    assert [m["text"]["body"] for m in first["messages"]] == ["first", "second"]
+    assert first["contacts"][0]["wa_id"] == CUSTOMER
+    assert [m["text"]["body"] for m in second["messages"]] == ["other customer"]
+    assert [m["id"] for m in bot.messages()] == [result["wamids"][i] for i in (0, 2, 1)]
+
+    resp = await sim.post("/_sim/batch", json={"split_entries": True, "messages": [
+        {"wa_id": CUSTOMER, "text": "a"}, {"wa_id": OTHER, "text": "b"}]})
+    assert resp.status == 200
+    assert len(bot.posts[1]["body"]["entry"]) == 2
+    assert (await conversation(sim, OTHER))["window_open"]
+
+
+async def test_raw_webhook_signature_modes(sim, bot):
+    for mode, bot_status in (("valid", 200), ("invalid", 403), ("missing", 403)):
+        resp = await sim.post("/_sim/webhook", json={"body": {"object": "whatsapp_business_account", "entry": []}, "signature": mode})
+        assert (await resp.json())["status"] == bot_status
+    resp = await sim.post("/_sim/webhook", json={"body": "not json at all", "signature": "valid"})
+    assert (await resp.json())["status"] == 200
+    assert [p["valid"] for p in bot.posts] == [True, False, False, True]
+    assert bot.posts[2]["signature"] is None
+    assert bot.posts[3]["raw"] == b"not json at all"
+    s = await stats(sim)
+    assert (s["webhooks_sent"], s["webhook_failures"]) == (0, 0)  # probes are not traffic
+
+
+# --- sending, statuses, the care window ------------------------------------------------------
+
+
+async def test_free_form_in_window_gets_sent_delivered_read(sim, bot):
+    await customer_says(sim)
+    status, body = await send(sim, text("Hello!"))
+    assert status == 200
+    wamid = body["messages"][0]["id"]
+    await bot.wait_for(lambda: len(bot.statuses()) == 3)
+    assert all(p["valid"] for p in bot.posts)
+    assert [s["status"] for s in bot.statuses()] == ["sent", "delivered", "read"]
+    for item in bot.statuses():
+        assert item["id"] == wamid and item["recipient_id"] == CUSTOMER and isinstance(item["timestamp"], str)
+        assert item["pricing"] == {"billable": False, "pricing_model": "PMP", "category": "service", "type": "free_customer_service"}
+    assert "expiration_timestamp" in bot.statuses()[0]["conversation"]  # v23.0 still has `conversation`
+    out = (await conversation(sim))["messages"][1]
+    assert (out["direction"], out["wamid"], out["status"], out["text"]) == ("out", wamid, "read", "Hello!")
+    assert out["payload"] == text("Hello!")
+    assert await stats(sim) == {
+        "accepted": 1, "rejected": {}, "window_violations": 0, "webhooks_sent": 4, "webhook_failures": 0,
+        "inbound_messages": 1, "statuses_sent": 3, "marked_read": 0, "faults_served": 0,
+    }
+
+
+async def test_window_closes_at_24h_async_failed_status(sim, bot):
+    await customer_says(sim)
+    await sim.post("/_sim/clock", json={"advance": DAY - 5})
+    assert (await send(sim, text("still inside")))[0] == 200
+    await bot.wait_for(lambda: len(bot.statuses()) == 3)
+    await sim.post("/_sim/clock", json={"advance": 5})
+    assert not (await conversation(sim))["window_open"]
+
+    status, body = await send(sim, text("too late"))
+    assert status == 200  # accepted, like Meta: the failure comes later
+    wamid = body["messages"][0]["id"]
+    await bot.wait_for(lambda: len(bot.statuses()) == 4)
+    failed = bot.statuses()[-1]
+    assert failed["id"] == wamid and failed["status"] == "failed" and "pricing" not in failed
+    (error,) = failed["errors"]
+    assert error["code"] == 131047
+    assert error["title"] == error["message"] == "Re-engagement message"
+    assert "24 hours" in error["error_data"]["details"] and error["href"]
+    out = (await conversation(sim))["messages"][-1]
+    assert out["status"] == "failed" and out["errors"][0]["code"] == 131047
+    assert (await stats(sim))["window_violations"] == 1
+
+    # a template outside the window is fine, billed, and no violation
+    status, _ = await send(sim, template("order_update", components=body_params("10042")))
+    assert status == 200
+    await bot.wait_for(lambda: len(bot.statuses()) == 7)
+    assert [s["status"] for s in bot.statuses()[4:]] == ["sent", "delivered", "read"]
+    assert bot.statuses()[-1]["pricing"]["category"] == "utility" and bot.statuses()[-1]["pricing"]["billable"]
+    assert (await stats(sim))["window_violations"] == 1
+
+    # the customer writing again reopens the window
+    await customer_says(sim, text="back")
+    assert (await send(sim, text("welcome back")))[0] == 200
+    assert (await stats(sim))["window_violations"] == 1
+
+
+async def test_sync_window_errors_reject_with_131047(make_sim, bot):
+    sim = await make_sim(window_errors="sync")
+    status, body = await send(sim, text("never wrote"))
+    assert status == 400 and body["error"]["code"] == 131047
+    await customer_says(sim, text="hi", timestamp=int(time.time()) - DAY - 60)  # wrote, but yesterday
+    status, body = await send(sim, text("too late"))
+    assert status == 400 and body["error"]["code"] == 131047
+    assert (await send(sim, template("hello_world")))[0] == 200
+    s = await stats(sim)
+    assert (s["window_violations"], s["rejected"], s["accepted"]) == (2, {"131047": 2}, 1)
+    # runtime switch back to async
+    await sim.post("/_sim/config", json={"window_errors": "async"})
+    assert (await send(sim, text("async now")))[0] == 200
+
+
+async def test_bot_replying_inside_the_webhook_sees_an_open_window(sim, bot):
+    async def reply(message):
+        await send(sim, text(f"echo: {message['text']['body']}", to=message["from"]))
+
+    bot.on_message = reply
+    await customer_says(sim, text="ping")
+    conv = await (await sim.get(f"/_sim/conversations/{CUSTOMER}/wait", params={"outbound": "1", "timeout": "5"})).json()
+    assert conv["messages"][1]["text"] == "echo: ping"
+    assert (await stats(sim))["window_violations"] == 0
+
+
+async def test_configured_statuses_and_mark_read(make_sim, bot):
+    sim = await make_sim(statuses=("sent",))
+    played = await customer_says(sim)
+    await send(sim, text("one"))
+    await bot.wait_for(lambda: len(bot.statuses()) == 1)
+    await sim.post("/_sim/config", json={"statuses": ""})
+    await send(sim, text("two"))
+    read = {"messaging_product": "whatsapp", "status": "read", "message_id": played["wamid"], "typing_indicator": {"type": "text"}}
+    assert await send(sim, read) == (200, {"success": True})
+    inbound = (await conversation(sim))["messages"][0]
+    assert inbound["status"] == "read" and inbound["typing_indicator"]
+    status, body = await send(sim, {**read, "message_id": "wamid.unknown"})
+    assert status == 400 and body["error"]["code"] == 100
+    # a read receipt is not a message: no window check even long after
+    await sim.post("/_sim/clock", json={"advance": 2 * DAY})
+    assert (await send(sim, read))[0] == 200
+    assert len(bot.statuses()) == 1
+    s = await stats(sim)
+    assert (s["marked_read"], s["window_violations"], s["accepted"]) == (2, 0, 2)
+
+
+async def test_faults_queue(sim, bot):
+    await customer_says(sim)
+    resp = await sim.put("/_sim/faults", json={"responses": [{"status": 429, "code": 130429}, {"status": 500}, {"async_code": 131026}]})
+    assert resp.status == 200
+    status, body = await send(sim, text("1"))
+    assert (status, body["error"]["code"]) == (429, 130429)
+    status, body = await send(sim, text("2"))
+    assert (status, body["error"]["code"]) == (500, 2)
+    status, body = await send(sim, text("3"))
+    assert status == 200
+    await bot.wait_for(lambda: len(bot.statuses()) == 1)
+    assert bot.statuses()[0]["status"] == "failed" and bot.statuses()[0]["errors"][0]["code"] == 131026
+    assert (await send(sim, text("4")))[0] == 200
+    assert (await (await sim.get("/_sim/faults")).json())["responses"] == []
+    s = await stats(sim)
+    assert (s["faults_served"], s["rejected"], s["accepted"]) == (3, {"130429": 1, "2": 1}, 2)
+
+
+# --- waiting, clock, reset -------------------------------------------------------------------
+
+
+async def test_wait_returns_when_outbound_arrives_or_408(sim):
+    await customer_says(sim)
+    waiter = asyncio.create_task(sim.get(f"/_sim/conversations/{CUSTOMER}/wait", params={"outbound": "2", "timeout": "5"}))
+    await send(sim, text("one"))
+    done, _ = await asyncio.wait({waiter}, timeout=0.05)
+    assert not done  # one outbound message is not enough
+    await send(sim, text("two"))
+    resp = await asyncio.wait_for(waiter, 5)
+    assert resp.status == 200
+    assert [m["text"] for m in (await resp.json())["messages"] if m["direction"] == "out"] == ["one", "two"]
+
+    resp = await sim.get(f"/_sim/conversations/{CUSTOMER}/wait", params={"outbound": "3", "timeout": "0.1"})
+    assert resp.status == 408
+    assert len((await resp.json())["messages"]) == 3
+
+
+async def test_clock_and_reset(sim, bot):
+    await sim.post("/_sim/clock", json={"now": 2_000_000_000})
+    clock = await (await sim.get("/_sim/clock")).json()
+    assert abs(clock["now"] - 2_000_000_000) <= 1
+    played = await customer_says(sim)
+    assert abs(played["timestamp"] - 2_000_000_000) <= 1
+    await sim.put("/_sim/faults", json={"responses": [{"status": 500}]})
+    await send(sim, text("x", to=OTHER))  # consumes the fault
+    await send(sim, text("never wrote", to=OTHER))
+
+    assert (await sim.post("/_sim/reset")).status == 200
+    assert (await sim.get(f"/_sim/conversations/{CUSTOMER}")).status == 404
+    assert (await (await sim.get("/_sim/conversations")).json())["conversations"] == []
+    assert await stats(sim) == {
+        "accepted": 0, "rejected": {}, "window_violations": 0, "webhooks_sent": 0, "webhook_failures": 0,
+        "inbound_messages": 0, "statuses_sent": 0, "marked_read": 0, "faults_served": 0,
+    }
+    assert (await (await sim.get("/_sim/clock")).json())["offset"] == 0
+    assert (await sim.get("/_sim/health")).status == 200
+
+
+# --- CLI -------------------------------------------------------------------------------------
+
+
+def test_serve_without_required_settings_names_them(monkeypatch, capsys):
+    for name in ("WHATSAPP_ACCESS_TOKEN", "WHATSAPP_PHONE_NUMBER_ID", "WHATSAPP_APP_SECRET"):
+        monkeypatch.delenv(name, raising=False)
+    assert cli.main(["serve", "--access-token", "t", "--phone-number-id", "1"]) == 2
+    assert "app_secret" in capsys.readouterr().err
+    assert cli.main([]) == 2
+    assert "access_token" in capsys.readouterr().err
+
+
+async def test_cli_say_and_show(sim, bot, capsys):
+    async def reply(message):
+        await send(sim, buttons("Order status", "Talk to a person"))
+
+    bot.on_message = reply
+    url = str(sim.make_url("")).rstrip("/")
+    rc = await asyncio.to_thread(cli.main, ["say", CUSTOMER, "hello", "--name", "Ada", "--sim-url", url, "--quiet-after", "0.2"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "< bot: Pick one" in out and "[Order status] [Talk to a person]" in out
+    rc = await asyncio.to_thread(cli.main, ["show", CUSTOMER, "--sim-url", url])
+    out = capsys.readouterr().out
+    assert rc == 0 and "Ada" in out and "> customer: hello" in out and "< bot: Pick one" in out
+
+
+async def test_control_api_rejects_bad_input_without_side_effects(sim, bot):
+    assert (await sim.post(f"/_sim/customers/{CUSTOMER}/messages", json={"nothing": 1})).status == 400
+    assert (await sim.post(f"/_sim/customers/{CUSTOMER}/messages", data="[1]")).status == 400
+    assert (await sim.post("/_sim/batch", json={"messages": [{"text": "no wa_id"}]})).status == 400
+    assert (await sim.put("/_sim/faults", json={"responses": [{"status": "soon"}]})).status == 400
+    assert (await sim.post("/_sim/clock", json={"advance": "a lot"})).status == 400
+    assert (await sim.post("/_sim/config", json={"window_errors": "never"})).status == 400
+    assert (await sim.get(f"/_sim/conversations/{CUSTOMER}")).status == 404
+    assert bot.posts == []
