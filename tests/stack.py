@@ -50,8 +50,9 @@ def http(method: str, url: str, body: Any = None, headers: Optional[Dict[str, st
 
 
 class Stack:
-    def __init__(self, workdir: Path, window_errors: str = "async") -> None:
+    def __init__(self, workdir: Path, window_errors: str = "async", credentials: Path = ROOT / "credentials.yml") -> None:
         self.workdir = workdir
+        self.credentials = credentials
         self.window_errors = window_errors
         self.sim_port, self.actions_port, self.rasa_port = free_port(), free_port(), free_port()
         self.auth_token = secrets.token_urlsafe(16)
@@ -100,7 +101,7 @@ class Stack:
         self._spawn("actions", [str(BIN / "rasa"), "run", "actions", "--actions", "actions", "--port", str(self.actions_port)])
         self._spawn("rasa", [
             str(BIN / "rasa"), "run", "--model", str(MODEL), "--port", str(self.rasa_port),
-            "--credentials", str(ROOT / "credentials.yml"), "--endpoints", str(endpoints),
+            "--credentials", str(self.credentials), "--endpoints", str(endpoints),
             "--enable-api", "--auth-token", self.auth_token,
         ])
         self._wait_ready("simulator", f"{self.sim_url}/_sim/health")
