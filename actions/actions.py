@@ -4,13 +4,16 @@ Run with ``rasa run actions --actions actions`` from the project root.
 """
 
 import json
+import logging
+import os
 import re
-from datetime import date
+from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Text
 
+import aiohttp
 from rasa_sdk import Action, FormValidationAction, Tracker
-from rasa_sdk.events import EventType, SlotSet
+from rasa_sdk.events import EventType, ReminderScheduled, SlotSet
 from rasa_sdk.executor import CollectingDispatcher
 from rasa_sdk.types import DomainDict
 
@@ -18,6 +21,13 @@ from rasa_sdk.types import DomainDict
 ORDERS_FILE = Path(__file__).resolve().parent / "orders.json"
 
 OPT_IN_SLOT = "whatsapp_opt_in"
+FOLLOW_UP_INTENT = "EXTERNAL_order_follow_up"
+# A day and a bit after the check: by then the care window has usually lapsed, so the update
+# goes out as the approved `order_status_update` template (see credentials.yml).
+FOLLOW_UP_SECONDS = float(os.environ.get("ORDER_FOLLOW_UP_SECONDS", 30 * 3600))
+FOLLOW_UP_STATUSES = ("processing", "shipped")
+
+logger = logging.getLogger(__name__)
 
 _ORDER_ID_RE = re.compile(r"\d{4,8}")
 # A 4-8 digit number standing on its own inside a longer reply ("it's 10042").
@@ -122,10 +132,21 @@ class ActionCheckOrderStatus(Action):
             return [SlotSet("order_id", None), SlotSet("order_status", None)]
 
         dispatcher.utter_message(text=describe_order(order_id, order))
-        return [
+        events: List[EventType] = [
             SlotSet("order_id", order_id),
             SlotSet("order_status", order.get("status")),
         ]
+        if order.get("status") in FOLLOW_UP_STATUSES:
+            events.append(
+                ReminderScheduled(
+                    FOLLOW_UP_INTENT,
+                    trigger_date_time=datetime.now() + timedelta(seconds=FOLLOW_UP_SECONDS),
+                    entities=[{"entity": "order_id", "value": order_id}],
+                    name=f"order_follow_up_{order_id}",
+                    kill_on_user_message=False,
+                )
+            )
+        return events
 
 
 def _is_stale_order_id(tracker: Tracker) -> bool:
@@ -211,3 +232,74 @@ class ActionOptOut(Action):
             )
         )
         return [SlotSet(OPT_IN_SLOT, False)]
+
+
+class ActionOrderFollowUp(Action):
+    """The follow-up a day later: a chatty update while the care window is open, otherwise the
+    `utter_order_update` response, which the channel sends as its approved template."""
+
+    def name(self) -> Text:
+        return "action_order_follow_up"
+
+    async def run(
+        self,
+        dispatcher: CollectingDispatcher,
+        tracker: Tracker,
+        domain: DomainDict,
+    ) -> List[EventType]:
+        order_id = normalize_order_id(tracker.get_slot("order_id"))
+        order = load_orders().get(order_id) if order_id else None
+        if order is None:
+            return []
+        status = order.get("status")
+        if tracker.get_slot("whatsapp_window_open"):
+            dispatcher.utter_message(text=f"A quick update: {describe_order(order_id, order)}")
+        else:
+            # The parameters travel with the message, so the template is filled even though
+            # the slots set in this turn are not saved yet when the channel sends it.
+            dispatcher.utter_message(response="utter_order_update", order_id=order_id, order_status=status)
+        return [SlotSet("order_status", status)]
+
+
+class ActionWhatsAppWindow(Action):
+    """Lets stories and actions branch on the care window: sets `whatsapp_window_open` and
+    `whatsapp_window_expires_at` from the channel's view (which reads every Rasa session) and the
+    message in flight (which Rasa has not saved yet)."""
+
+    def name(self) -> Text:
+        return "action_whatsapp_window"
+
+    async def run(
+        self,
+        dispatcher: CollectingDispatcher,
+        tracker: Tracker,
+        domain: DomainDict,
+    ) -> List[EventType]:
+        from connector.window import CareWindowPolicy, WindowFacts
+        from connector.history import inbound_timestamp
+
+        view = await _fetch_window_view(tracker.sender_id)
+        in_tracker = [inbound_timestamp(e) for e in tracker.events if e.get("event") == "user"]
+        candidates = [t for t in in_tracker + [view.get("last_inbound_at")] if t is not None]
+        now = view.get("now") or datetime.now().timestamp()
+        facts = WindowFacts(
+            last_inbound_at=max(candidates) if candidates else None,
+            closed_at=view.get("closed_by_meta_at"),
+        )
+        policy = CareWindowPolicy(margin_seconds=view.get("margin_seconds", 60.0))
+        is_open = facts.is_open(now, policy)
+        expires_at = facts.expires_at(now) - policy.margin_seconds if is_open else None
+        return [SlotSet("whatsapp_window_open", is_open), SlotSet("whatsapp_window_expires_at", expires_at)]
+
+
+async def _fetch_window_view(sender_id: Text) -> Dict[Text, Any]:
+    url = f"{os.environ.get('RASA_URL', 'http://localhost:5005')}/webhooks/whatsapp/conversations/{sender_id}"
+    headers = {"Authorization": f"Bearer {os.environ.get('RASA_AUTH_TOKEN', '')}"}
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+            async with session.get(url, headers=headers) as response:
+                response.raise_for_status()
+                return await response.json()
+    except (aiohttp.ClientError, OSError, ValueError) as error:
+        logger.warning("Care window view unavailable (%s): judging from this session only", error)
+        return {}

@@ -5,15 +5,32 @@ surface hours later as a 401 from Meta.
 """
 
 import re
-from dataclasses import dataclass
-from typing import Any, Mapping, Optional
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional, Tuple
 from urllib.parse import urlparse
+
+from connector.templates import InvalidTemplate, TemplateBook
+from connector.window import CareWindowPolicy
 
 DEFAULT_API_URL = "https://graph.facebook.com"
 DEFAULT_API_VERSION = "v23.0"
 
 _REQUIRED = ("access_token", "phone_number_id", "app_secret", "verify_token")
-_OPTIONAL = ("api_url", "api_version", "request_timeout")
+_OPTIONAL = (
+    "api_url",
+    "api_version",
+    "request_timeout",
+    "templates",
+    "fallback_template",
+    "care_window_margin_seconds",
+    "templates_per_lapsed_window",
+    "opt_in_slot",
+    "opt_in_collected_elsewhere",
+    "opt_out_keywords",
+    "opt_out_intent",
+    "api_token",
+    "simulator_clock_url",
+)
 _API_VERSION = re.compile(r"^v\d+\.\d+$")
 
 
@@ -34,6 +51,15 @@ class ChannelConfig:
     api_url: str = DEFAULT_API_URL
     api_version: str = DEFAULT_API_VERSION
     request_timeout: float = 10.0
+    templates: TemplateBook = field(default_factory=lambda: TemplateBook({}))
+    care_window: CareWindowPolicy = CareWindowPolicy()
+    opt_in_slot: str = "whatsapp_opt_in"
+    opt_out_keywords: Tuple[str, ...] = ("STOP", "UNSUBSCRIBE")
+    opt_out_intent: str = "opt_out"
+    api_token: str = ""
+    """Bearer token for GET /webhooks/whatsapp/conversations/{sender_id}; the route is off without it."""
+    simulator_clock_url: str = ""
+    """Tests and demos only: read "now" from the simulator's controllable clock."""
 
     @property
     def messages_url(self) -> str:
@@ -59,16 +85,60 @@ class ChannelConfig:
         if not _API_VERSION.match(api_version):
             raise ConfigError("api_version", f"must look like 'v23.0', got {api_version!r}")
 
-        timeout = credentials.get("request_timeout", cls.request_timeout)
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 30:
-            raise ConfigError("request_timeout", f"must be a number of seconds in (0, 30], got {timeout!r}")
+        timeout = _number(credentials, "request_timeout", 10.0, 0, 30)
+        try:
+            templates = TemplateBook.parse(credentials.get("templates"), credentials.get("fallback_template"))
+        except InvalidTemplate as invalid:
+            raise ConfigError(invalid.key, invalid.problem) from None
+        care_window = CareWindowPolicy(
+            margin_seconds=_number(credentials, "care_window_margin_seconds", 60.0, 0, 3600, allow_zero=True),
+            templates_per_lapsed_window=int(_number(credentials, "templates_per_lapsed_window", 1, 0, 100, allow_zero=True, whole=True)),
+            opt_in_collected_elsewhere=_flag(credentials, "opt_in_collected_elsewhere"),
+        )
+        keywords = credentials.get("opt_out_keywords", list(cls.opt_out_keywords))
+        if not isinstance(keywords, list) or not all(isinstance(k, str) and k.strip() for k in keywords):
+            raise ConfigError("opt_out_keywords", "must be a list of words, e.g. [STOP, UNSUBSCRIBE]")
+        clock_url = _optional_text(credentials, "simulator_clock_url")
+        if clock_url and urlparse(clock_url).scheme not in ("http", "https"):
+            raise ConfigError("simulator_clock_url", f"must be an http(s) URL, got {clock_url!r}")
 
         return cls(
             **values,
             api_url=api_url.rstrip("/"),
             api_version=api_version,
-            request_timeout=float(timeout),
+            request_timeout=timeout,
+            templates=templates,
+            care_window=care_window,
+            opt_in_slot=_optional_text(credentials, "opt_in_slot") or cls.opt_in_slot,
+            opt_out_keywords=tuple(k.strip().upper() for k in keywords),
+            opt_out_intent=_optional_text(credentials, "opt_out_intent") or cls.opt_out_intent,
+            api_token=_optional_text(credentials, "api_token"),
+            simulator_clock_url=clock_url,
         )
+
+
+def _number(
+    credentials: Mapping[str, Any], key: str, default: float, low: float, high: float,
+    allow_zero: bool = False, whole: bool = False,
+) -> float:
+    value = credentials.get(key, default)
+    if value is None:
+        return default
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (not whole or float(value).is_integer())
+    if not ok or not (low <= value <= high) or (value == 0 and not allow_zero):
+        kind = "a whole number" if whole else "a number"
+        bounds = f"[{low}, {high}]" if allow_zero else f"({low}, {high}]"
+        raise ConfigError(key, f"must be {kind} in {bounds}, got {value!r}")
+    return float(value)
+
+
+def _flag(credentials: Mapping[str, Any], key: str) -> bool:
+    value = credentials.get(key, False)
+    if value in ("true", "false"):  # ${ENV} values arrive as strings
+        return value == "true"
+    if not isinstance(value, bool):
+        raise ConfigError(key, f"must be true or false, got {value!r}")
+    return value
 
 
 def _required_text(credentials: Mapping[str, Any], key: str) -> str:

@@ -11,6 +11,10 @@ export WHATSAPP_APP_SECRET=${WHATSAPP_APP_SECRET:-sim-app-secret}
 export WHATSAPP_VERIFY_TOKEN=${WHATSAPP_VERIFY_TOKEN:-sim-verify-token}
 export SIM_PORT=${SIM_PORT:-5090}
 export WHATSAPP_API_URL=${WHATSAPP_API_URL:-http://127.0.0.1:$SIM_PORT}
+if [[ $WHATSAPP_API_URL == http://127.0.0.1:$SIM_PORT ]]; then
+  export WHATSAPP_SIMULATOR_CLOCK_URL=${WHATSAPP_SIMULATOR_CLOCK_URL-$WHATSAPP_API_URL}
+fi
+export WHATSAPP_SIMULATOR_CLOCK_URL=${WHATSAPP_SIMULATOR_CLOCK_URL:-}
 export SIM_BOT_WEBHOOK_URL=${SIM_BOT_WEBHOOK_URL:-http://127.0.0.1:5005/webhooks/whatsapp/webhook}
 if [ -z "${RASA_AUTH_TOKEN:-}" ]; then
   RASA_AUTH_TOKEN=$("$VENV/bin/python" -c 'import secrets; print(secrets.token_urlsafe(24))')

@@ -2,6 +2,7 @@
 with the WhatsApp channel, wired together on free local ports. Used by the end-to-end tests and
 by bench/."""
 
+import itertools
 import json
 import os
 import secrets
@@ -22,6 +23,14 @@ PHONE_NUMBER_ID = "106540352242922"
 ACCESS_TOKEN = "e2e-access-token"
 APP_SECRET = "e2e-app-secret"
 VERIFY_TOKEN = "e2e-verify-token"
+
+
+_numbers = itertools.count(1)
+
+
+def new_wa_id() -> str:
+    """A customer no other test of this run has played."""
+    return f"49{os.getpid() % 1000:03d}{next(_numbers):07d}"
 
 
 def free_port() -> int:
@@ -50,9 +59,16 @@ def http(method: str, url: str, body: Any = None, headers: Optional[Dict[str, st
 
 
 class Stack:
-    def __init__(self, workdir: Path, window_errors: str = "async", credentials: Path = ROOT / "credentials.yml") -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        window_errors: str = "async",
+        credentials: Path = ROOT / "credentials.yml",
+        follow_up_seconds: float = 30 * 3600,
+    ) -> None:
         self.workdir = workdir
         self.credentials = credentials
+        self.follow_up_seconds = follow_up_seconds
         self.window_errors = window_errors
         self.sim_port, self.actions_port, self.rasa_port = free_port(), free_port(), free_port()
         self.auth_token = secrets.token_urlsafe(16)
@@ -82,7 +98,11 @@ class Stack:
             WHATSAPP_APP_SECRET=APP_SECRET,
             WHATSAPP_VERIFY_TOKEN=VERIFY_TOKEN,
             WHATSAPP_API_URL=self.sim_url,
+            WHATSAPP_SIMULATOR_CLOCK_URL=self.sim_url,
             SIM_BOT_WEBHOOK_URL=self.webhook_url,
+            RASA_AUTH_TOKEN=self.auth_token,
+            RASA_URL=self.rasa_url,
+            ORDER_FOLLOW_UP_SECONDS=str(self.follow_up_seconds),
         )
         return env
 
@@ -147,6 +167,24 @@ class Stack:
 
     def stats(self) -> Dict[str, Any]:
         return http("GET", f"{self.sim_url}/_sim/stats")[1]
+
+    def sim(self, method: str, path: str, body: Any = None) -> Any:
+        status, answer = http(method, f"{self.sim_url}/_sim/{path}", body)
+        assert status == 200, answer
+        return answer
+
+    def sim_now(self) -> float:
+        return float(self.sim("GET", "clock")["now_float"])
+
+    def rasa(self, method: str, path: str, body: Any = None) -> Any:
+        joiner = "&" if "?" in path else "?"
+        status, answer = http(method, f"{self.rasa_url}{path}{joiner}token={self.auth_token}", body)
+        assert status == 200, answer
+        return answer
+
+    def window(self, sender_id: str) -> Dict[str, Any]:
+        """The channel's view of a customer's care window."""
+        return self.rasa("GET", f"/webhooks/whatsapp/conversations/{sender_id}")
 
     def tracker(self, sender_id: str) -> Dict[str, Any]:
         status, tracker = http("GET", f"{self.rasa_url}/conversations/{sender_id}/tracker?token={self.auth_token}")

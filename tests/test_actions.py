@@ -16,6 +16,7 @@ from rasa_sdk.executor import CollectingDispatcher
 
 from actions import actions
 from actions.actions import (
+    ActionOrderFollowUp,
     ActionCheckOrderStatus,
     ActionOptIn,
     ActionOptOut,
@@ -96,7 +97,10 @@ async def test_check_order_status_found(domain, orders):
     events = await ActionCheckOrderStatus().run(dispatcher, tracker, domain)
 
     assert ActionCheckOrderStatus().name() == "action_check_order_status"
-    assert events == [SlotSet("order_id", "10042"), SlotSet("order_status", "shipped")]
+    assert events[:2] == [SlotSet("order_id", "10042"), SlotSet("order_status", "shipped")]
+    (follow_up,) = events[2:]  # a shipped order gets a follow-up a day later
+    assert follow_up["event"] == "reminder" and follow_up["intent"] == "EXTERNAL_order_follow_up"
+    assert follow_up["entities"] == [{"entity": "order_id", "value": "10042"}]
     [message] = texts(dispatcher)
     assert "10042" in message
     assert "shipped" in message
@@ -125,7 +129,7 @@ async def test_check_order_status_accepts_hash_prefix(domain):
 
     events = await ActionCheckOrderStatus().run(dispatcher, tracker, domain)
 
-    assert events == [SlotSet("order_id", "10046"), SlotSet("order_status", "shipped")]
+    assert events[:2] == [SlotSet("order_id", "10046"), SlotSet("order_status", "shipped")]
 
 
 async def test_check_order_status_unknown_order(domain, orders):
@@ -297,3 +301,26 @@ async def test_validate_order_form_run_rejects(domain):
     assert SlotSet("order_id", None) in events
     [message] = texts(dispatcher)
     assert "doesn't look like an order number" in message
+
+
+@pytest.mark.parametrize("order_id, follows_up", [("10043", True), ("10044", False), ("10045", False)])
+async def test_only_open_orders_get_a_follow_up(domain, order_id, follows_up):
+    events = await ActionCheckOrderStatus().run(CollectingDispatcher(), make_tracker(slots={"order_id": order_id}), domain)
+    assert any(e["event"] == "reminder" for e in events) is follows_up
+
+
+async def test_follow_up_inside_the_window_is_free_text(domain):
+    dispatcher = CollectingDispatcher()
+    tracker = make_tracker(slots={"order_id": "10042", "whatsapp_window_open": True})
+    events = await ActionOrderFollowUp().run(dispatcher, tracker, domain)
+    assert texts(dispatcher)[0].startswith("A quick update: Order 10042")
+    assert events == [SlotSet("order_status", "shipped")]
+
+
+async def test_follow_up_outside_the_window_uses_the_templated_response_with_its_parameters(domain):
+    dispatcher = CollectingDispatcher()
+    tracker = make_tracker(slots={"order_id": "10042", "whatsapp_window_open": False})
+    await ActionOrderFollowUp().run(dispatcher, tracker, domain)
+    (message,) = dispatcher.messages
+    assert message["response"] == "utter_order_update"
+    assert (message["order_id"], message["order_status"]) == ("10042", "shipped")

@@ -1,31 +1,14 @@
 """End to end: real `rasa run` with the WhatsApp channel, the real action server and the Cloud
 API simulator as separate processes, talking HTTP. Each test plays its own customer."""
 
-import itertools
 import json
 
 import pytest
 
 from connector.signature import sign
-from tests.stack import APP_SECRET, VERIFY_TOKEN, Stack, http
+from tests.stack import APP_SECRET, VERIFY_TOKEN, http, new_wa_id
 
 pytestmark = pytest.mark.e2e
-
-_numbers = itertools.count(1)
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    stack = Stack(tmp_path_factory.mktemp("e2e"))
-    try:
-        yield stack.start()
-    finally:
-        stack.stop()
-
-
-@pytest.fixture
-def wa_id():
-    return f"4915{next(_numbers):09d}"
 
 
 def bodies(messages):
@@ -65,7 +48,7 @@ def test_message_id_and_whatsapp_timestamp_are_stored_on_the_tracker(stack, wa_i
 
 
 def test_batch_of_three_customers_gets_three_replies(stack):
-    customers = [f"4916{next(_numbers):09d}" for _ in range(3)]
+    customers = [new_wa_id() for _ in range(3)]
     status, answer = http("POST", f"{stack.sim_url}/_sim/batch", {"messages": [{"wa_id": c, "text": "hi"} for c in customers]})
     assert status == 200 and answer["webhook_status"] == 200
     for customer in customers:
@@ -131,8 +114,3 @@ def test_http_api_needs_the_token(stack, wa_id):
     assert http("GET", f"{stack.rasa_url}/conversations/{wa_id}/tracker")[0] == 401
 
 
-def test_status_webhooks_are_accepted_and_no_message_broke_the_rules(stack):
-    stats = stack.stats()
-    assert stats["window_violations"] == 0
-    assert stats["webhook_failures"] == 0
-    assert stats["accepted"] > 0 and not stats["rejected"]

@@ -1,0 +1,138 @@
+"""The customer care window decision: pure, no I/O, time passed in.
+
+WhatsApp's rules: a window opens when the customer writes and ends 24 h after their LAST message
+(WhatsApp's timestamp). Inside it anything may be sent. Outside it only an approved template may
+go out, one per lapsed window, and only to a customer who opted in. Everything that may not go
+out is suppressed with a reason, so it can be recorded.
+"""
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
+
+from connector.templates import MissingParameter, TemplateBook
+
+CARE_WINDOW_SECONDS = 24 * 60 * 60
+
+Clock = Callable[[], float]
+system_clock: Clock = time.time
+
+
+@dataclass(frozen=True)
+class CareWindowPolicy:
+    margin_seconds: float = 60.0
+    """Treat the window as closed this long before its end: a message sent in the last
+    seconds may reach Meta after the deadline."""
+    templates_per_lapsed_window: int = 1
+    opt_in_collected_elsewhere: bool = False
+    """Opt-in was collected outside the bot: templates may go out unless the slot says False."""
+
+
+@dataclass(frozen=True)
+class WindowFacts:
+    """What the tracker store (and the turn in flight) say about one customer."""
+
+    last_inbound_at: Optional[float]
+    """WhatsApp timestamp of the customer's latest message; None if they never wrote."""
+    closed_at: Optional[float] = None
+    """When Meta answered 131047 (the window is closed) after that message, if it did."""
+    templates_sent: int = 0
+    """Templates sent since the window lapsed (reset by every customer message)."""
+    opt_in: Optional[bool] = None
+    unknown: Optional[str] = None
+    """Why the state could not be read (store down): then nothing is provably allowed."""
+
+    def expires_at(self, now: float) -> Optional[float]:
+        """End of the window; a timestamp from the future (clock skew) counts as now."""
+        if self.last_inbound_at is None:
+            return None
+        return min(self.last_inbound_at, now) + CARE_WINDOW_SECONDS
+
+    def is_open(self, now: float, policy: CareWindowPolicy) -> bool:
+        if self.unknown or self.last_inbound_at is None:
+            return False
+        if self.closed_at is not None and self.closed_at >= self.last_inbound_at:
+            return False
+        return now < self.expires_at(now) - policy.margin_seconds
+
+
+@dataclass(frozen=True)
+class Outbound:
+    """One bot message as the window sees it."""
+
+    response: Optional[str]
+    """Rasa's response name (`utter_action`); None for free text from an action or an agent."""
+    template: Optional[Mapping[str, Any]] = None
+    """The message's own WhatsApp template object, when it already is one (`custom`)."""
+    values: Mapping[str, Any] = field(default_factory=dict)
+    """Slot values and the message's own keys, for template parameters."""
+
+
+@dataclass(frozen=True)
+class SendFreeForm:
+    kind = "free_form"
+
+
+@dataclass(frozen=True)
+class SendTemplate:
+    name: str
+    language: str
+    components: Tuple[Dict[str, Any], ...]
+    kind = "template"
+
+    def message(self) -> Dict[str, Any]:
+        """The WhatsApp message object for the send API."""
+        template: Dict[str, Any] = {"name": self.name, "language": {"code": self.language}}
+        if self.components:
+            template["components"] = [dict(component) for component in self.components]
+        return {"type": "template", "template": template}
+
+
+@dataclass(frozen=True)
+class Suppress:
+    reason: str
+    kind = "suppressed"
+
+
+Decision = Union[SendFreeForm, SendTemplate, Suppress]
+
+
+def decide(
+    now: float,
+    facts: WindowFacts,
+    outbound: Outbound,
+    templates: TemplateBook,
+    policy: CareWindowPolicy,
+) -> Decision:
+    if facts.is_open(now, policy):
+        return SendFreeForm()
+    if facts.unknown:
+        return Suppress(f"care window unknown: {facts.unknown}")
+
+    mapping = None
+    if outbound.template is None:
+        mapping = templates.for_response(outbound.response)
+        if mapping is None:
+            what = outbound.response or "a message without a response name"
+            return Suppress(f"outside the care window and no template is mapped for {what}")
+
+    opted_in = facts.opt_in is True or (policy.opt_in_collected_elsewhere and facts.opt_in is not False)
+    if not opted_in:
+        return Suppress("outside the care window and the customer has not opted in")
+    if facts.templates_sent >= policy.templates_per_lapsed_window:
+        return Suppress(
+            f"outside the care window and {facts.templates_sent} template(s) already sent "
+            f"since it lapsed (limit {policy.templates_per_lapsed_window})"
+        )
+    if mapping is None:  # the message is itself a template
+        language = outbound.template.get("language")
+        return SendTemplate(
+            name=str(outbound.template.get("name")),
+            language=str(language.get("code") if isinstance(language, Mapping) else language),
+            components=tuple(outbound.template.get("components") or ()),
+        )
+    try:
+        components = mapping.components(outbound.values)
+    except MissingParameter as missing:
+        return Suppress(f"outside the care window and template {mapping.name} cannot be filled: {missing}")
+    return SendTemplate(mapping.name, mapping.language, components)
