@@ -78,7 +78,12 @@ class TransientError(GraphError):
 
 
 class RateLimited(TransientError):
-    """130429 (throughput), 131056 (same customer too fast), 131057 (maintenance), 4, 80007."""
+    """130429 (throughput), 131056 (same customer too fast), 131057 (maintenance / upgrade)."""
+
+
+class AccountRateLimited(GraphError):
+    """4 (app call limit), 80007 (account limit): counted over an hour, so retrying within a
+    turn only burns more calls; not retried."""
 
 
 _BY_CODE: Dict[int, Type[GraphError]] = {
@@ -88,8 +93,8 @@ _BY_CODE: Dict[int, Type[GraphError]] = {
     130429: RateLimited,
     131056: RateLimited,
     131057: RateLimited,
-    4: RateLimited,
-    80007: RateLimited,
+    4: AccountRateLimited,
+    80007: AccountRateLimited,
     131000: TransientError,
     131016: TransientError,
     1: TransientError,

@@ -197,6 +197,8 @@ def _check_interactive(inter: Any) -> None:
         _check_list(action)
     elif kind == "cta_url":
         _check_cta_url(action)
+    elif kind == "location_request_message" and action.get("name") != "send_location":
+        raise invalid("Param interactive['action']['name'] must be 'send_location'.")
 
 
 def _check_interactive_header(kind: str, header: Any) -> None:
