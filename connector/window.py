@@ -51,8 +51,8 @@ class WindowFacts:
     def is_open(self, now: float, policy: CareWindowPolicy) -> bool:
         if self.unknown or self.last_inbound_at is None:
             return False
-        if self.closed_at is not None and self.closed_at >= self.last_inbound_at:
-            return False
+        if self.closed_at is not None and self.closed_at > self.last_inbound_at:
+            return False  # in the same second, the customer's message wins: it reopens
         return now < self.expires_at(now) - policy.margin_seconds
 
 

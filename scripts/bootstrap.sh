@@ -8,6 +8,9 @@ ROOT=$PWD
 VENV=$ROOT/.venv
 MODEL=$ROOT/models/whatsapp-demo.tar.gz
 export TF_CPP_MIN_LOG_LEVEL=2 SQLALCHEMY_SILENCE_UBER_WARNING=1 PYTHONDONTWRITEBYTECODE=1
+# Rasa phones home (Segment telemetry, Sentry error reports) from the `rasa` command; this
+# project's machines may only reach package registries, and a bot's errors are its own.
+export RASA_TELEMETRY_ENABLED=false
 
 find_python310() {
   local candidate
@@ -33,6 +36,11 @@ if [ "$(cat "$VENV/.requirements.sha256" 2>/dev/null)" != "$requirements_hash" ]
   "$VENV/bin/python" -m pip install --quiet -r requirements.txt
   echo "$requirements_hash" > "$VENV/.requirements.sha256"
 fi
+
+# Sentry is set up whenever the wheel ships its `keys` file, whatever RASA_TELEMETRY_ENABLED
+# says; without the file Rasa runs as in its own development mode and reports nothing.
+keys_file=$("$VENV/bin/python" -c 'import os, rasa; print(os.path.join(os.path.dirname(rasa.__file__), "keys"))')
+[ ! -s "$keys_file" ] || [ "$(cat "$keys_file")" = "{}" ] || echo "{}" > "$keys_file"
 
 training_hash=$(cat config.yml domain.yml $(find data -type f | sort) | sha256sum | cut -d' ' -f1)
 if [ ! -f "$MODEL" ] || [ "$(cat "$MODEL.sha256" 2>/dev/null)" != "$training_hash" ]; then

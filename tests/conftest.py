@@ -3,6 +3,7 @@ import os
 # Before anything imports rasa / tensorflow / sqlalchemy.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("SQLALCHEMY_SILENCE_UBER_WARNING", "1")
+os.environ["RASA_TELEMETRY_ENABLED"] = "false"
 
 import pytest  # noqa: E402
 

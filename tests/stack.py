@@ -65,14 +65,18 @@ class Stack:
         window_errors: str = "async",
         credentials: Path = ROOT / "credentials.yml",
         follow_up_seconds: float = 30 * 3600,
+        instances: int = 1,
+        shared: bool = False,
     ) -> None:
         self.workdir = workdir
         self.credentials = credentials
         self.follow_up_seconds = follow_up_seconds
+        self.shared = shared
         self.window_errors = window_errors
-        self.sim_port, self.actions_port, self.rasa_port = free_port(), free_port(), free_port()
+        self.sim_port, self.actions_port = free_port(), free_port()
+        self.rasa_ports = [free_port() for _ in range(instances)]
         self.auth_token = secrets.token_urlsafe(16)
-        self.processes: List[subprocess.Popen] = []
+        self.processes: Dict[str, subprocess.Popen] = {}
         self.logs: Dict[str, Path] = {}
 
     @property
@@ -80,8 +84,12 @@ class Stack:
         return f"http://127.0.0.1:{self.sim_port}"
 
     @property
+    def rasa_urls(self) -> List[str]:
+        return [f"http://127.0.0.1:{port}" for port in self.rasa_ports]
+
+    @property
     def rasa_url(self) -> str:
-        return f"http://127.0.0.1:{self.rasa_port}"
+        return self.rasa_urls[0]
 
     @property
     def webhook_url(self) -> str:
@@ -93,6 +101,7 @@ class Stack:
             PYTHONPATH=str(ROOT),
             TF_CPP_MIN_LOG_LEVEL="2",
             SQLALCHEMY_SILENCE_UBER_WARNING="1",
+            RASA_TELEMETRY_ENABLED="false",
             WHATSAPP_ACCESS_TOKEN=ACCESS_TOKEN,
             WHATSAPP_PHONE_NUMBER_ID=PHONE_NUMBER_ID,
             WHATSAPP_APP_SECRET=APP_SECRET,
@@ -106,39 +115,67 @@ class Stack:
         )
         return env
 
+    def endpoints(self) -> str:
+        """SQLite by default; with `shared=True` the multi-instance set-up: PostgreSQL tracker
+        store and Redis lock store (URLs from POSTGRES_URL / REDIS_URL)."""
+        text = f'action_endpoint:\n  url: "http://127.0.0.1:{self.actions_port}/webhook"\n'
+        if not self.shared:
+            return text + f'tracker_store:\n  type: SQL\n  dialect: "sqlite"\n  db: "{self.workdir / "tracker.db"}"\n'
+        from tests.services import postgres_settings, redis_settings
+
+        pg, redis = postgres_settings(), redis_settings()
+        pg["url"], redis["url"] = pg.pop("host"), redis.pop("host")  # Rasa's endpoint key for the host
+        text += "tracker_store:\n  type: SQL\n" + "".join(f"  {k}: {json.dumps(v)}\n" for k, v in pg.items() if v is not None)
+        text += "lock_store:\n  type: connector.lock_store.AtomicRedisLockStore\n" + "".join(f"  {k}: {json.dumps(v)}\n" for k, v in redis.items() if v is not None)
+        return text
+
     def start(self) -> "Stack":
         if not MODEL.exists():
             raise RuntimeError(f"{MODEL} is missing: run `bash scripts/test.sh` (it trains the model)")
-        endpoints = self.workdir / "endpoints.yml"
-        endpoints.write_text(
-            f'action_endpoint:\n  url: "http://127.0.0.1:{self.actions_port}/webhook"\n'
-            f'tracker_store:\n  type: SQL\n  dialect: "sqlite"\n  db: "{self.workdir / "tracker.db"}"\n'
-        )
+        (self.workdir / "endpoints.yml").write_text(self.endpoints())
         self._spawn("simulator", [
             str(BIN / "python"), "-m", "connector.simulator", "serve", "--port", str(self.sim_port),
             "--window-errors", self.window_errors,
         ])
         self._spawn("actions", [str(BIN / "rasa"), "run", "actions", "--actions", "actions", "--port", str(self.actions_port)])
-        self._spawn("rasa", [
-            str(BIN / "rasa"), "run", "--model", str(MODEL), "--port", str(self.rasa_port),
-            "--credentials", str(self.credentials), "--endpoints", str(endpoints),
-            "--enable-api", "--auth-token", self.auth_token,
-        ])
+        for instance in range(len(self.rasa_ports)):
+            self.start_rasa(instance, wait=False)
         self._wait_ready("simulator", f"{self.sim_url}/_sim/health")
         self._wait_ready("actions", f"http://127.0.0.1:{self.actions_port}/health")
-        self._wait_ready("rasa", f"{self.rasa_url}/status?token={self.auth_token}")
+        for instance in range(len(self.rasa_ports)):
+            self._wait_ready(self._rasa_name(instance), f"{self.rasa_urls[instance]}/status?token={self.auth_token}")
         return self
 
+    def start_rasa(self, instance: int = 0, wait: bool = True) -> None:
+        name = self._rasa_name(instance)
+        self._spawn(name, [
+            str(BIN / "rasa"), "run", "--model", str(MODEL), "--port", str(self.rasa_ports[instance]),
+            "--credentials", str(self.credentials), "--endpoints", str(self.workdir / "endpoints.yml"),
+            "--enable-api", "--auth-token", self.auth_token, "--interface", "127.0.0.1",
+            *(["--debug"] if os.environ.get("STACK_DEBUG") else []),
+        ])
+        if wait:
+            self._wait_ready(name, f"{self.rasa_urls[instance]}/status?token={self.auth_token}")
+
+    def stop_rasa(self, instance: int) -> None:
+        process = self.processes.pop(self._rasa_name(instance))
+        process.terminate()
+        process.wait(timeout=30)
+
     def stop(self) -> None:
-        for process in self.processes:
+        for process in self.processes.values():
             if process.poll() is None:
                 process.terminate()
-        for process in self.processes:
+        for process in self.processes.values():
             try:
                 process.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+    @staticmethod
+    def _rasa_name(instance: int) -> str:
+        return "rasa" if instance == 0 else f"rasa{instance}"
 
     def log(self, name: str) -> str:
         return self.logs[name].read_text(errors="replace")
@@ -176,15 +213,15 @@ class Stack:
     def sim_now(self) -> float:
         return float(self.sim("GET", "clock")["now_float"])
 
-    def rasa(self, method: str, path: str, body: Any = None) -> Any:
+    def rasa(self, method: str, path: str, body: Any = None, instance: int = 0) -> Any:
         joiner = "&" if "?" in path else "?"
-        status, answer = http(method, f"{self.rasa_url}{path}{joiner}token={self.auth_token}", body)
+        status, answer = http(method, f"{self.rasa_urls[instance]}{path}{joiner}token={self.auth_token}", body)
         assert status == 200, answer
         return answer
 
-    def window(self, sender_id: str) -> Dict[str, Any]:
+    def window(self, sender_id: str, instance: int = 0) -> Dict[str, Any]:
         """The channel's view of a customer's care window."""
-        return self.rasa("GET", f"/webhooks/whatsapp/conversations/{sender_id}")
+        return self.rasa("GET", f"/webhooks/whatsapp/conversations/{sender_id}", instance=instance)
 
     def tracker(self, sender_id: str) -> Dict[str, Any]:
         status, tracker = http("GET", f"{self.rasa_url}/conversations/{sender_id}/tracker?token={self.auth_token}")
@@ -195,13 +232,11 @@ class Stack:
 
     def _spawn(self, name: str, command: List[str]) -> None:
         self.logs[name] = self.workdir / f"{name}.log"
-        log = open(self.logs[name], "wb")
-        self.processes.append(
-            subprocess.Popen(command, cwd=ROOT, env=self.env(), stdout=log, stderr=subprocess.STDOUT)
-        )
+        with open(self.logs[name], "ab") as log:
+            self.processes[name] = subprocess.Popen(command, cwd=ROOT, env=self.env(), stdout=log, stderr=subprocess.STDOUT)
 
     def _wait_ready(self, name: str, url: str, timeout: float = 120) -> None:
-        process = self.processes[list(self.logs).index(name)]
+        process = self.processes[name]
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if process.poll() is not None:

@@ -1,0 +1,76 @@
+"""Two `rasa run` processes behind one "load balancer", sharing the PostgreSQL tracker store
+and the Redis lock store (POSTGRES_URL, REDIS_URL; both must be running: these tests fail, they
+never skip). The care window decision is the same on both, and one template per lapsed window
+holds across them and across a restart."""
+
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from tests.stack import Stack
+
+pytestmark = pytest.mark.e2e
+
+HOUR = 3600
+A, B = 0, 1
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    stack = Stack(tmp_path_factory.mktemp("multi"), instances=2, shared=True)
+    try:
+        yield stack.start()
+    finally:
+        stack.stop()
+
+
+def trigger(stack, wa_id, instance):
+    stack.rasa("POST", f"/conversations/{wa_id}/trigger_intent?output_channel=whatsapp",
+               {"name": "EXTERNAL_order_follow_up"}, instance=instance)
+
+
+def kinds(stack, wa_id):
+    return [m["type"] for m in stack.conversation(wa_id)["messages"] if m["direction"] == "out"]
+
+
+def test_both_instances_decide_alike_and_one_template_holds_across_them_and_a_restart(pair, wa_id):
+    violations_before = pair.stats()["window_violations"]
+    # The customer writes through A (the simulator's webhook goes to A).
+    pair.customer_says(wa_id, {"button_reply": {"id": "/opt_in", "title": "Order updates"}})
+    pair.wait_outbound(wa_id, 1)
+    pair.customer_says(wa_id, "where is order 10042")
+    pair.wait_outbound(wa_id, 2)
+
+    trigger(pair, wa_id, B)  # B sees A's customer messages: inside the window, free-form
+    assert pair.wait_outbound(wa_id, 3)[-1]["payload"]["type"] == "text"
+    assert pair.window(wa_id, A)["window_open"] is pair.window(wa_id, B)["window_open"] is True
+
+    pair.sim("POST", "clock", {"advance": 30 * HOUR})
+    trigger(pair, wa_id, B)
+    assert pair.wait_outbound(wa_id, 4)[-1]["payload"]["type"] == "template"
+    trigger(pair, wa_id, A)  # A knows B already sent this lapsed window's template
+    assert pair.window(wa_id, A)["recent_decisions"][-1]["kind"] == "suppressed"
+
+    pair.stop_rasa(B)
+    pair.start_rasa(B)
+    trigger(pair, wa_id, B)  # the count lives in the tracker store, not in B's memory
+    assert pair.window(wa_id, B)["recent_decisions"][-1]["kind"] == "suppressed"
+    assert kinds(pair, wa_id) == ["text", "text", "text", "template"]
+    assert pair.window(wa_id, B)["templates_sent"] == 1
+    assert pair.stats()["window_violations"] == violations_before
+
+
+def test_simultaneous_triggers_on_both_instances_send_one_template(pair, wa_id):
+    pair.customer_says(wa_id, {"button_reply": {"id": "/opt_in", "title": "Order updates"}})
+    pair.wait_outbound(wa_id, 1)
+    pair.customer_says(wa_id, "where is order 10046")
+    pair.wait_outbound(wa_id, 2)
+    pair.sim("POST", "clock", {"advance": 30 * HOUR})
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        list(pool.map(lambda instance: trigger(pair, wa_id, instance), [A, B, A, B]))
+
+    assert kinds(pair, wa_id) == ["text", "text", "template"]
+    decisions = pair.window(wa_id, A)["records"]
+    assert [r["kind"] for r in decisions].count("template") == 1
+    assert [r["kind"] for r in decisions].count("suppressed") == 3
