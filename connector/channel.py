@@ -1,11 +1,13 @@
 """The Rasa channel classes: glue between Meta's webhook, the parsers, the care window, Rasa and
 the Cloud API client."""
 
+import asyncio
 import hmac
 import json
 import logging
+from collections import OrderedDict
 from dataclasses import replace
-from typing import Any, Awaitable, Callable, Dict, Optional, Text
+from typing import Any, Awaitable, Callable, Dict, Optional, Set, Text, Tuple
 
 from sanic import Blueprint, Sanic, response
 from sanic.request import Request
@@ -18,12 +20,23 @@ from connector.client import CloudApiClient
 from connector.clock import SimulatorClock, SystemClock
 from connector.config import ChannelConfig
 from connector.decisions import DecisionLog
+from connector.dedup import Deduplicator, dedup_key
 from connector.errors import GraphError, ReEngagementRequired
 from connector.history import CareWindowHistory
 from connector.inbound import rasa_metadata, rasa_text
 from connector.ordering import PerSenderQueue
-from connector.payloads import InboundMessage, MalformedWebhook, StatusUpdate, parse_webhook
-from connector.render import render
+from connector.pacing import Pacer
+from connector.payloads import (
+    CallEvent,
+    InboundMessage,
+    MalformedWebhook,
+    StatusUpdate,
+    SystemChange,
+    UserPreference,
+    Webhook,
+    parse_webhook,
+)
+from connector.render import numbered_choice, render
 from connector.signature import is_valid
 from connector.window import Decision, Outbound, SendFreeForm, SendTemplate, Suppress, WindowFacts, decide
 
@@ -49,10 +62,17 @@ class WhatsAppOutput(OutputChannel):
     def name(cls) -> Text:
         return CHANNEL_NAME
 
-    def __init__(self, channel: "WhatsAppInput", in_flight_inbound_at: Optional[float] = None) -> None:
+    def __init__(
+        self,
+        channel: "WhatsAppInput",
+        in_flight_inbound_at: Optional[float] = None,
+        phone_number_id: Optional[str] = None,
+    ) -> None:
         self.channel = channel
         self.in_flight_inbound_at = in_flight_inbound_at
         """WhatsApp timestamp of the message this turn answers: Rasa saves it only after the turn."""
+        self.phone_number_id = phone_number_id
+        """The business number the customer wrote to: replies leave from it."""
 
     async def send_response(self, recipient_id: Text, message: Dict[Text, Any]) -> None:
         try:
@@ -66,11 +86,8 @@ class WhatsAppOutput(OutputChannel):
     async def _send(self, sender_id: str, message: Dict[str, Any]) -> None:
         channel = self.channel
         rendered = render(message)
-        if rendered.not_rendered:
-            logger.warning(
-                "Not sent to %s: %s is not supported yet (response %s)",
-                masked(sender_id), ", ".join(rendered.not_rendered), message.get("utter_action"),
-            )
+        for problem in rendered.problems or rendered.not_rendered:
+            logger.warning("Part of %s to %s not sent: %s", message.get("utter_action") or "a message", masked(sender_id), problem)
         if not rendered.messages:
             return
         custom = message.get("custom")
@@ -79,11 +96,13 @@ class WhatsAppOutput(OutputChannel):
             template=custom.get("template") if isinstance(custom, dict) and custom.get("type") == "template" else None,
         )
         decision, facts, now = await self._decide(sender_id, outbound, message)
+        number = self.phone_number_id or channel.history.reply_number(sender_id)
         if isinstance(decision, SendFreeForm):
             try:
                 for whatsapp_message in rendered.messages:
-                    wamid = await channel.client.send_message(sender_id, whatsapp_message)
+                    wamid = await channel.client.send_message(sender_id, whatsapp_message, phone_number_id=number)
                     channel.decisions.add(sender_id, _record("free_form", now, facts, outbound, wamid=wamid))
+                channel.remember_choices(sender_id, rendered.numbered_choices)
                 return
             except ReEngagementRequired:
                 # Meta disagrees that the window is open: believe Meta, then fall back.
@@ -92,7 +111,7 @@ class WhatsAppOutput(OutputChannel):
             except GraphError as error:
                 await channel.record(sender_id, _record("failed", now, facts, outbound, code=error.code, reason=error.message))
                 return
-        await self._send_outside_window(sender_id, decision, facts, now, outbound)
+        await self._send_outside_window(sender_id, decision, facts, now, outbound, number)
 
     async def _decide(self, sender_id: str, outbound: Outbound, message: Dict[str, Any]):
         channel = self.channel
@@ -107,7 +126,8 @@ class WhatsAppOutput(OutputChannel):
         return decision, facts, now
 
     async def _send_outside_window(
-        self, sender_id: str, decision: Decision, facts: WindowFacts, now: float, outbound: Outbound
+        self, sender_id: str, decision: Decision, facts: WindowFacts, now: float, outbound: Outbound,
+        number: Optional[str],
     ) -> None:
         if isinstance(decision, Suppress):
             await self.channel.record(sender_id, _record("suppressed", now, facts, outbound, reason=decision.reason))
@@ -116,7 +136,7 @@ class WhatsAppOutput(OutputChannel):
             await self.channel.record(sender_id, _record("suppressed", now, facts, outbound, reason="Meta refused it (131047)"))
             return
         try:
-            wamid = await self.channel.client.send_message(sender_id, decision.message())
+            wamid = await self.channel.client.send_message(sender_id, decision.message(), phone_number_id=number)
         except GraphError as error:
             await self.channel.record(
                 sender_id, _record("failed", now, facts, outbound, template=decision.name, code=error.code, reason=error.message)
@@ -144,12 +164,26 @@ class WhatsAppInput(InputChannel):
 
     def __init__(self, config: ChannelConfig) -> None:
         self.config = config
-        self.client = CloudApiClient(config)
+        pacing = dict(config.pacing)
+        pacer = Pacer(**{**pacing, "customer_burst": int(pacing["customer_burst"])})
+        self.client = CloudApiClient(config, pacer=pacer, retry_budget_seconds=config.retry_budget_seconds)
         self.clock = SimulatorClock(config.simulator_clock_url) if config.simulator_clock_url else SystemClock()
         self.history = CareWindowHistory(self._tracker_store, config.opt_in_slot)
         self.decisions = DecisionLog()
+        self.dedup = Deduplicator(config.redis_url or None)
         self.turns = PerSenderQueue()
         self.app: Optional[Sanic] = None
+        self._choices: "OrderedDict[str, Tuple[Tuple[str, str], ...]]" = OrderedDict()
+        self._delivery: "OrderedDict[str, Dict[str, Any]]" = OrderedDict()
+        self._tasks: Set["asyncio.Task[None]"] = set()
+
+    def remember_choices(self, sender_id: str, choices: Tuple[Tuple[str, str], ...]) -> None:
+        """Options sent as numbered text, so that a typed "2" becomes its payload."""
+        if choices:
+            self._choices.pop(sender_id, None)
+            self._choices[sender_id] = choices
+            while len(self._choices) > 10_000:
+                self._choices.popitem(last=False)
 
     def get_output_channel(self) -> WhatsAppOutput:
         """For trigger_intent and the events API: no customer message in flight."""
@@ -227,6 +261,9 @@ class WhatsAppInput(InputChannel):
         async def receive(request: Request) -> HTTPResponse:
             self.app = request.app
             body = request.body or b""
+            if len(body) > self.config.max_body_bytes:
+                logger.warning("Webhook refused: %d bytes is over max_body_bytes", len(body))
+                return response.text("payload too large", status=413)
             header = request.headers.get("x-hub-signature-256")
             if not header:
                 logger.warning("Webhook refused: no X-Hub-Signature-256 header")
@@ -240,12 +277,7 @@ class WhatsAppInput(InputChannel):
                 logger.warning("Webhook refused: %s", problem)
                 return response.text(f"malformed webhook: {problem}", status=400)
 
-            for reason in webhook.skipped:
-                logger.warning("Webhook item skipped: %s", reason)
-            for status in webhook.statuses:
-                self._handle_status(status)
-            for message in webhook.messages:
-                self._hand_to_rasa(message, on_new_message)
+            await self._dispatch(webhook, on_new_message)
             return response.text("EVENT_RECEIVED")
 
         @bp.get("/conversations/<sender_id>")
@@ -262,10 +294,12 @@ class WhatsAppInput(InputChannel):
         @bp.listener("before_server_stop")
         async def finish_turns(*_: Any) -> None:
             await self.turns.drain()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
 
         @bp.listener("after_server_stop")
         async def close_client(*_: Any) -> None:
             await self.client.close()
+            await self.dedup.close()
             if isinstance(self.clock, SimulatorClock):
                 await self.clock.close()
 
@@ -290,11 +324,45 @@ class WhatsAppInput(InputChannel):
             "templates_left": 0 if is_open else max(0, policy.templates_per_lapsed_window - facts.templates_sent),
             "unknown": facts.unknown,
             "records": await self.history.records(sender_id),
-            "recent_decisions": self.decisions.recent(sender_id),
+            "recent_decisions": [
+                {**record, "delivery": self._delivery.get(record.get("wamid", ""))}
+                for record in self.decisions.recent(sender_id)
+            ],
             "counts": dict(self.decisions.counts),
         }
 
+    async def _dispatch(self, webhook: Webhook, on_new_message: Callable[[UserMessage], Awaitable[Any]]) -> None:
+        """Every item once (Meta delivers at least once, for days), then to its handler."""
+        for reason in webhook.skipped:
+            logger.warning("Webhook item skipped: %s", reason)
+        for error in webhook.errors:
+            logger.warning("Meta reports error code=%s %s: %s", error.code, error.title, error.details)
+        for notice in webhook.notices:
+            logger.info("Meta notice %s: %s", notice.field, notice.event)
+        items = [*webhook.statuses, *webhook.messages, *webhook.calls, *webhook.system_changes, *webhook.preferences]
+        for item in items:
+            if not await self.dedup.first_time(dedup_key(item)):
+                logger.info("Duplicate %s %s ignored", type(item).__name__, dedup_key(item).split(":")[1][-12:])
+            elif isinstance(item, StatusUpdate):
+                self._handle_status(item)
+            elif isinstance(item, InboundMessage):
+                self._hand_to_rasa(item, on_new_message)
+            elif isinstance(item, CallEvent):
+                self._handle_call(item, on_new_message)
+            elif isinstance(item, SystemChange):
+                self._handle_system_change(item)
+            elif isinstance(item, UserPreference):
+                self._handle_preference(item)
+
     def _handle_status(self, status: StatusUpdate) -> None:
+        self._delivery.pop(status.wamid, None)
+        self._delivery[status.wamid] = {
+            "status": status.status,
+            "timestamp": status.timestamp,
+            "errors": [{"code": e.code, "title": e.title} for e in status.errors],
+        }
+        while len(self._delivery) > 50_000:
+            self._delivery.popitem(last=False)
         for error in status.errors:
             logger.warning(
                 "Message %s to %s failed: code=%s %s", status.wamid, masked(status.recipient_id), error.code, error.title
@@ -303,6 +371,38 @@ class WhatsAppInput(InputChannel):
                 self.turns.submit(status.recipient_id, lambda: self._window_closed_by_meta(status, 131047))
         if not status.errors:
             logger.debug("Message %s is %s", status.wamid, status.status)
+
+    def _handle_call(self, call: CallEvent, on_new_message: Callable[[UserMessage], Awaitable[Any]]) -> None:
+        """A customer's call restarts the care window: it reaches Rasa as `call_intent`, with
+        the call's WhatsApp timestamp, like a message."""
+        logger.info("Call %s %s from %s (%s)", call.call_id[-8:], call.event, masked(call.sender_id), call.direction)
+        if not (call.customer_initiated and call.event == "connect" and self.config.call_intent and call.sender_id):
+            return
+        metadata = {"whatsapp": {
+            "type": "call", "call_id": call.call_id, "timestamp": call.timestamp,
+            "phone_number_id": call.phone_number_id, "wa_id": call.wa_id, "user_id": call.user_id,
+            "profile_name": call.profile_name,
+        }}
+        self._submit_turn(call.sender_id, self.config.call_intent, f"call.{call.call_id}", metadata,
+                          float(call.timestamp), call.phone_number_id, on_new_message)
+
+    def _handle_system_change(self, change: SystemChange) -> None:
+        """A changed number or id: both conversations point at each other, so the customer's
+        history stays findable from either."""
+        logger.info("Customer %s is now %s (%s)", masked(change.old_sender_id), masked(change.new_sender_id), change.type)
+        if not change.old_sender_id or not change.new_sender_id:
+            return
+        for sender_id, key, other in ((change.old_sender_id, "now", change.new_sender_id),
+                                      (change.new_sender_id, "previously", change.old_sender_id)):
+            record = {"kind": "identity_changed", "at": float(change.timestamp), "window_of": None,
+                      "change": change.type, key: other}
+            self.turns.submit(sender_id, lambda s=sender_id, r=record: self._outside_turn(s, lambda: self.record(s, r)))
+
+    def _handle_preference(self, preference: UserPreference) -> None:
+        """Meta's "stop marketing messages" from the customer: honoured as an opt-out."""
+        logger.info("Customer %s: %s %s", masked(preference.sender_id), preference.category, preference.value)
+        if preference.value == "stop" and preference.sender_id:
+            self.turns.submit(preference.sender_id, lambda: self._set_opt_in(preference.sender_id, False))
 
     def _is_opt_out(self, message: InboundMessage) -> bool:
         said = [message.text or ""]
@@ -313,34 +413,61 @@ class WhatsAppInput(InputChannel):
     def _hand_to_rasa(
         self, message: InboundMessage, on_new_message: Callable[[UserMessage], Awaitable[Any]]
     ) -> None:
-        text = rasa_text(message)
+        text = rasa_text(message, self.config.inbound)
         if text is None:
-            logger.warning(
-                "Message %s (%s) from %s has no text for Rasa; recorded, not handled yet",
-                message.wamid, message.type, masked(message.sender_id),
+            errors = ", ".join(f"code={e.code} {e.title}" for e in message.errors)
+            logger.log(
+                logging.WARNING if errors else logging.INFO,
+                "Message %s (%s) from %s recorded, not for Rasa%s",
+                message.wamid, message.type, masked(message.sender_id), f": {errors}" if errors else "",
             )
             return
-        self.history.saw_inbound(message.sender_id, float(message.timestamp))
         metadata = rasa_metadata(message)
-        opt_out = self._is_opt_out(message)
-        if opt_out:  # no NLU needed: the keyword is the customer's explicit wish
+        choice = numbered_choice(text, self._choices.get(message.sender_id, ()))
+        if choice is not None:
+            metadata["whatsapp"]["typed"] = text
+            text = choice
+        elif self._is_opt_out(message):  # no NLU needed: the keyword is the customer's explicit wish
             metadata["whatsapp"]["opt_out_keyword"] = text
             text = f"/{self.config.opt_out_intent}"
+        self._submit_turn(message.sender_id, text, message.wamid, metadata, float(message.timestamp),
+                          message.phone_number_id, on_new_message)
+
+    async def _mark_read(self, wamid: str, phone_number_id: str) -> None:
+        """Blue ticks, and "typing…" while Rasa works; beside the turn, never holding it up."""
+        try:
+            await self.client.mark_read(wamid, self.config.typing_indicator, phone_number_id)
+        except GraphError as error:
+            logger.info("Could not mark %s read: code=%s %s", wamid, error.code, error.message)
+
+    def _background(self, work: Awaitable[None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _submit_turn(
+        self, sender_id: str, text: str, message_id: str, metadata: Dict[str, Any], timestamp: float,
+        phone_number_id: str, on_new_message: Callable[[UserMessage], Awaitable[Any]],
+    ) -> None:
+        self.history.saw_inbound(sender_id, timestamp, phone_number_id)
         user_message = UserMessage(
             text=text,
-            output_channel=WhatsAppOutput(self, in_flight_inbound_at=float(message.timestamp)),
-            sender_id=message.sender_id,
+            output_channel=WhatsAppOutput(self, in_flight_inbound_at=timestamp, phone_number_id=phone_number_id),
+            sender_id=sender_id,
             input_channel=self.name(),
-            message_id=message.wamid,
+            message_id=message_id,
             metadata=metadata,
         )
+        opt_out = "opt_out_keyword" in metadata["whatsapp"]
 
         async def turn() -> None:
+            if self.config.mark_read and metadata["whatsapp"].get("type") != "call":
+                self._background(self._mark_read(message_id, phone_number_id))
             try:
                 await on_new_message(user_message)
             except Exception:
-                logger.exception("Rasa failed on message %s from %s", message.wamid, masked(message.sender_id))
+                logger.exception("Rasa failed on message %s from %s", message_id, masked(sender_id))
             if opt_out:
-                await self._set_opt_in(message.sender_id, False)
+                await self._set_opt_in(sender_id, False)
 
-        self.turns.submit(message.sender_id, turn)
+        self.turns.submit(sender_id, turn)

@@ -95,11 +95,13 @@ class CloudApiClient:
 
     async def mark_read(self, wamid: str, typing_indicator: bool = True, phone_number_id: Optional[str] = None) -> None:
         """Mark a customer's message read (blue ticks) and, by default, show "typing…" until the
-        reply or 25 s. Raises GraphError like a send; whether that matters is the caller's call."""
+        reply or 25 s. One attempt, no retries: a late read receipt is worth nothing. Raises
+        GraphError; whether that matters is the caller's call."""
         payload: Dict[str, Any] = {"messaging_product": "whatsapp", "status": "read", "message_id": wamid}
         if typing_indicator:
             payload["typing_indicator"] = {"type": "text"}
-        await self._request("POST", self.messages_url(phone_number_id or self._config.phone_number_id), json=payload)
+        url = self.messages_url(phone_number_id or self._config.phone_number_id)
+        await self._request_once("POST", url, payload, False, min(5.0, self._config.request_timeout))
 
     async def download_media(self, media_id: str) -> Tuple[bytes, str]:
         """An inbound media's bytes and MIME type: `GET /{version}/{media-id}` gives a short-lived

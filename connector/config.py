@@ -6,9 +6,10 @@ surface hours later as a 401 from Meta.
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 from urllib.parse import urlparse
 
+from connector.inbound import InboundOptions
 from connector.templates import InvalidTemplate, TemplateBook
 from connector.window import CareWindowPolicy
 
@@ -30,7 +31,22 @@ _OPTIONAL = (
     "opt_out_intent",
     "api_token",
     "simulator_clock_url",
+    "inbound_intents",
+    "redis_url",
+    "mark_read",
+    "typing_indicator",
+    "pacing",
+    "retry_budget_seconds",
+    "max_body_bytes",
 )
+_INBOUND_INTENTS = ("media", "location", "contacts", "order", "flow", "reaction", "call")
+_PACING = {  # key: (default, low, high, whole number)
+    "messages_per_second": (80.0, 0, 1000, False),
+    "customer_burst": (30, 1, 1000, True),
+    "customer_interval": (6.0, 0, 60, False),
+    "customer_min_gap": (0.0, 0, 60, False),
+    "max_wait": (10.0, 0, 30, False),
+}
 _API_VERSION = re.compile(r"^v\d+\.\d+$")
 
 
@@ -60,6 +76,16 @@ class ChannelConfig:
     """Bearer token for GET /webhooks/whatsapp/conversations/{sender_id}; the route is off without it."""
     simulator_clock_url: str = ""
     """Tests and demos only: read "now" from the simulator's controllable clock."""
+    inbound: InboundOptions = InboundOptions()
+    call_intent: Optional[str] = "/whatsapp_call"
+    """A customer's call reaches Rasa as this intent (and so restarts the care window)."""
+    redis_url: str = ""
+    """Shared duplicate detection across instances; in-process only when empty."""
+    mark_read: bool = True
+    typing_indicator: bool = True
+    pacing: Mapping[str, float] = field(default_factory=lambda: {k: v[0] for k, v in _PACING.items()})
+    retry_budget_seconds: float = 15.0
+    max_body_bytes: int = 1_048_576
 
     @property
     def messages_url(self) -> str:
@@ -102,8 +128,28 @@ class ChannelConfig:
         if clock_url and urlparse(clock_url).scheme not in ("http", "https"):
             raise ConfigError("simulator_clock_url", f"must be an http(s) URL, got {clock_url!r}")
 
+        intents = _inbound_intents(credentials.get("inbound_intents"))
+        redis_url = _optional_text(credentials, "redis_url")
+        if redis_url and urlparse(redis_url).scheme not in ("redis", "rediss", "unix"):
+            raise ConfigError("redis_url", f"must be a redis:// URL, got {redis_url!r}")
+        pacing = credentials.get("pacing") or {}
+        if not isinstance(pacing, Mapping) or set(pacing) - set(_PACING):
+            unknown = sorted(set(pacing) - set(_PACING)) if isinstance(pacing, Mapping) else []
+            raise ConfigError(f"pacing.{unknown[0]}" if unknown else "pacing", f"takes {', '.join(_PACING)}")
+
         return cls(
             **values,
+            inbound=InboundOptions(**{f"{k}_intent": v for k, v in intents.items() if k != "call"}),
+            call_intent=intents["call"],
+            redis_url=redis_url,
+            mark_read=_flag(credentials, "mark_read", True),
+            typing_indicator=_flag(credentials, "typing_indicator", True),
+            pacing={
+                key: _number(pacing, key, default, low, high, allow_zero=True, whole=whole, name=f"pacing.{key}")
+                for key, (default, low, high, whole) in _PACING.items()
+            },
+            retry_budget_seconds=_number(credentials, "retry_budget_seconds", 15.0, 0, 45, allow_zero=True),
+            max_body_bytes=int(_number(credentials, "max_body_bytes", 1_048_576, 1024, 64 * 1_048_576, whole=True)),
             api_url=api_url.rstrip("/"),
             api_version=api_version,
             request_timeout=timeout,
@@ -117,9 +163,28 @@ class ChannelConfig:
         )
 
 
+def _inbound_intents(raw: Any) -> Dict[str, Optional[str]]:
+    """Which intent each non-text message type becomes; null or "" only records that type."""
+    defaults = InboundOptions()
+    intents: Dict[str, Optional[str]] = {k: getattr(defaults, f"{k}_intent", None) for k in _INBOUND_INTENTS}
+    intents["call"] = ChannelConfig.call_intent
+    if raw is None:
+        return intents
+    if not isinstance(raw, Mapping):
+        raise ConfigError("inbound_intents", f"must map {', '.join(_INBOUND_INTENTS)} to /intent payloads")
+    for key, value in raw.items():
+        if key not in _INBOUND_INTENTS:
+            raise ConfigError(f"inbound_intents.{key}", f"is unknown; known: {', '.join(_INBOUND_INTENTS)}")
+        value = value or None
+        if value is not None and (not isinstance(value, str) or not re.fullmatch(r"/[^\s{}@/]+", value)):
+            raise ConfigError(f"inbound_intents.{key}", f"must be an intent payload like /whatsapp_{key}, got {value!r}")
+        intents[key] = value
+    return intents
+
+
 def _number(
     credentials: Mapping[str, Any], key: str, default: float, low: float, high: float,
-    allow_zero: bool = False, whole: bool = False,
+    allow_zero: bool = False, whole: bool = False, name: Optional[str] = None,
 ) -> float:
     value = credentials.get(key, default)
     if value is None:
@@ -128,12 +193,12 @@ def _number(
     if not ok or not (low <= value <= high) or (value == 0 and not allow_zero):
         kind = "a whole number" if whole else "a number"
         bounds = f"[{low}, {high}]" if allow_zero else f"({low}, {high}]"
-        raise ConfigError(key, f"must be {kind} in {bounds}, got {value!r}")
+        raise ConfigError(name or key, f"must be {kind} in {bounds}, got {value!r}")
     return float(value)
 
 
-def _flag(credentials: Mapping[str, Any], key: str) -> bool:
-    value = credentials.get(key, False)
+def _flag(credentials: Mapping[str, Any], key: str, default: bool = False) -> bool:
+    value = credentials.get(key, default)
     if value in ("true", "false"):  # ${ENV} values arrive as strings
         return value == "true"
     if not isinstance(value, bool):

@@ -36,14 +36,25 @@ _PAGE = 200
 
 def inbound_timestamp(event_data: Mapping[str, Any]) -> Optional[float]:
     """WhatsApp timestamp of a stored `user` event that is a real customer message, else None."""
+    whatsapp = _whatsapp_metadata(event_data)
+    timestamp = whatsapp.get("timestamp") if whatsapp else None
+    return float(timestamp) if isinstance(timestamp, (int, float)) and not isinstance(timestamp, bool) else None
+
+
+def _whatsapp_metadata(event_data: Mapping[str, Any]) -> Optional[Mapping[str, Any]]:
     metadata = event_data.get("metadata") or {}
     if metadata.get("is_external"):
         return None
     whatsapp = metadata.get("whatsapp")
-    if not isinstance(whatsapp, Mapping):
+    return whatsapp if isinstance(whatsapp, Mapping) else None
+
+
+def _customer_message(event_data: Mapping[str, Any]) -> Optional[Tuple[float, Optional[str]]]:
+    timestamp = inbound_timestamp(event_data)
+    if timestamp is None:
         return None
-    timestamp = whatsapp.get("timestamp")
-    return float(timestamp) if isinstance(timestamp, (int, float)) and not isinstance(timestamp, bool) else None
+    number = (_whatsapp_metadata(event_data) or {}).get("phone_number_id")
+    return timestamp, str(number) if number else None
 
 
 class CareWindowHistory:
@@ -56,14 +67,22 @@ class CareWindowHistory:
         self._tracker_store = tracker_store
         self._opt_in_slot = opt_in_slot
         self._cache_size = cache_size
-        self._last_inbound: "OrderedDict[str, float]" = OrderedDict()
+        self._last_inbound: "OrderedDict[str, Tuple[float, Optional[str]]]" = OrderedDict()
 
-    def saw_inbound(self, sender_id: str, timestamp: float) -> None:
-        """Remember a customer message time; it may only answer "open" (a newer one can exist)."""
+    def saw_inbound(self, sender_id: str, timestamp: float, phone_number_id: Optional[str] = None) -> None:
+        """Remember a customer message (time, and the business number it was written to); it may
+        only answer "open": a newer message can exist."""
         known = self._last_inbound.pop(sender_id, None)
-        self._last_inbound[sender_id] = max(timestamp, known or timestamp)
+        if known is not None and known[0] > timestamp:
+            timestamp, phone_number_id = known
+        self._last_inbound[sender_id] = (timestamp, phone_number_id)
         while len(self._last_inbound) > self._cache_size:
             self._last_inbound.popitem(last=False)
+
+    def reply_number(self, sender_id: str) -> Optional[str]:
+        """The business number the customer last wrote to, as far as this process has seen."""
+        known = self._last_inbound.get(sender_id)
+        return known[1] if known else None
 
     async def facts(
         self,
@@ -81,14 +100,16 @@ class CareWindowHistory:
             return WindowFacts(None, unknown="no tracker store"), {}
         try:
             records = await self._ledger_records(store, sender_id)
-            candidates = [in_flight_inbound_at, self._last_inbound.get(sender_id)]
+            cached = self._last_inbound.get(sender_id)
+            candidates = [in_flight_inbound_at, cached[0] if cached else None]
             known = max((c for c in candidates if c is not None), default=None)
             facts = _facts(known, records)
             if facts.is_open(now, policy) and not read_slots_when_open:
                 return facts, {}
-            stored = await _last_inbound(store, sender_id)  # "closed" must come from the store
-            if stored is not None:
-                self.saw_inbound(sender_id, stored)
+            stored_message = await _last_inbound(store, sender_id)  # "closed" must come from the store
+            stored = stored_message[0] if stored_message else None
+            if stored_message is not None:
+                self.saw_inbound(sender_id, *stored_message)
             last = max((c for c in (known, stored) if c is not None), default=None)
             facts = _facts(last, records)
             if facts.is_open(now, policy) and not read_slots_when_open:
@@ -161,19 +182,20 @@ def _unwrap(store: Optional[TrackerStore]) -> Optional[TrackerStore]:
     return store
 
 
-async def _last_inbound(store: TrackerStore, sender_id: str) -> Optional[float]:
+async def _last_inbound(store: TrackerStore, sender_id: str) -> Optional[Tuple[float, Optional[str]]]:
+    """(WhatsApp timestamp, phone_number_id) of the customer's latest message, across sessions."""
     if isinstance(store, SQLTrackerStore):
         for data in _sql_newest_first(store, sender_id, UserUttered.type_name):
-            timestamp = inbound_timestamp(data)
-            if timestamp is not None:
-                return timestamp
+            message = _customer_message(data)
+            if message is not None:
+                return message
         return None
     tracker = await store.retrieve_full_tracker(sender_id)
     for event in reversed(tracker.events if tracker else []):
         if isinstance(event, UserUttered):
-            timestamp = inbound_timestamp({"metadata": event.metadata})
-            if timestamp is not None:
-                return timestamp
+            message = _customer_message({"metadata": event.metadata})
+            if message is not None:
+                return message
     return None
 
 

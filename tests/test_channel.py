@@ -11,6 +11,9 @@ import pytest
 from sanic import Sanic
 
 from rasa.core.channels.channel import register
+from rasa.core.lock_store import InMemoryLockStore
+from rasa.core.tracker_store import InMemoryTrackerStore
+from rasa.shared.core.domain import Domain
 
 from connector.channel import WhatsAppInput, WhatsAppOutput
 from connector.signature import sign
@@ -24,6 +27,7 @@ CREDENTIALS = {
     "verify_token": "test-verify",
     "api_url": "http://127.0.0.1:9",
     "api_version": "v23.0",
+    "mark_read": False,
 }
 URL = "/webhooks/whatsapp/webhook"
 
@@ -31,6 +35,8 @@ URL = "/webhooks/whatsapp/webhook"
 class RecordingAgent:
     def __init__(self):
         self.messages = []
+        self.lock_store = InMemoryLockStore()
+        self.tracker_store = InMemoryTrackerStore(Domain.empty())
 
     async def handle_message(self, message):
         self.messages.append(message)
@@ -135,13 +141,49 @@ async def test_one_customers_batch_keeps_its_order(app, channel):
     assert [m.text for m in await delivered(app, channel)] == ["Two quick questions", "Do you ship to Canada?"]
 
 
-async def test_statuses_and_non_text_messages_never_reach_rasa(app, channel, caplog):
-    for name in ["status_read", "status_failed_131047", "image_no_caption", "reaction", "unsupported", "account_update"]:
+async def test_statuses_reactions_and_unsupported_never_reach_rasa(app, channel, caplog):
+    for name in ["status_read", "status_failed_131047", "reaction", "unsupported", "revoked_message", "account_update"]:
         response = await post(app, webhook_body(name))
         assert response.status == 200, name
     assert await delivered(app, channel) == []
     assert "code=131047" in caplog.text
-    assert "has no text for Rasa" in caplog.text
+    assert "code=131051" in caplog.text  # the unsupported message's error is logged with its code
+
+
+async def test_media_without_caption_and_location_reach_rasa_as_intents(app, channel):
+    await post(app, webhook_body("image_no_caption"))
+    await post(app, webhook_body("location"))
+    media, location = await delivered(app, channel)
+    assert media.text == "/whatsapp_media"
+    assert media.metadata["whatsapp"]["media"]["id"]
+    assert location.text.startswith('/whatsapp_location{"latitude": ')
+
+
+async def test_the_same_wamid_twice_is_handled_once(app, channel):
+    for _ in range(3):
+        assert (await post(app, webhook_body("text"))).status == 200
+    assert len(await delivered(app, channel)) == 1
+
+
+async def test_a_customer_call_reaches_rasa_as_an_intent_with_its_timestamp(app, channel):
+    await post(app, webhook_body("call_connect"))
+    (call,) = await delivered(app, channel)
+    assert call.text == "/whatsapp_call"
+    assert call.metadata["whatsapp"]["type"] == "call" and call.metadata["whatsapp"]["timestamp"] > 0
+
+
+async def test_marketing_stop_preference_opts_the_customer_out(app, channel):
+    await post(app, webhook_body("user_preferences_marketing_stop"))
+    await channel.turns.drain()
+    (sender_id,) = await app.ctx.agent.tracker_store.keys()
+    tracker = await app.ctx.agent.tracker_store.retrieve(sender_id)
+    assert [(e.key, e.value) for e in tracker.events if e.type_name == "slot"] == [("whatsapp_opt_in", False)]
+
+
+async def test_oversized_body_is_413(app, channel):
+    body = b'{"object": "whatsapp_business_account", "entry": [], "pad": "' + b"x" * 1_100_000 + b'"}'
+    assert (await post(app, body)).status == 413
+    assert await delivered(app, channel) == []
 
 
 async def test_a_broken_item_is_logged_and_the_rest_delivered(app, channel, caplog):
