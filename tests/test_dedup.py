@@ -6,7 +6,6 @@ customer from being answered twice when Meta retries into another instance.
 
 import asyncio
 import logging
-import os
 import socket
 import uuid
 
@@ -16,8 +15,9 @@ import redis.asyncio
 from connector.dedup import DEFAULT_TTL_SECONDS, Deduplicator, dedup_key
 from connector.payloads import parse_webhook
 from tests.fixtures.loader import webhook
+from tests.services import REDIS_URL
 
-REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+pytestmark = pytest.mark.services
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ slots:
 )
 
 
-@pytest.fixture(params=["sqlite", "postgresql", "in-memory"])
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.services), "in-memory"])
 def store(request, tmp_path):
     if request.param == "sqlite":
         store = SQLTrackerStore(DOMAIN, dialect="sqlite", db=str(tmp_path / "tracker.db"))

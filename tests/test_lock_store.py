@@ -8,8 +8,12 @@ from concurrent.futures import ThreadPoolExecutor
 from rasa.core.lock_store import LockStore
 from rasa.utils.endpoints import EndpointConfig
 
+import pytest
+
 from connector.lock_store import AtomicRedisLockStore
 from tests.services import redis_settings
+
+pytestmark = pytest.mark.services
 
 
 def store():

@@ -9,7 +9,7 @@ import pytest
 
 from tests.stack import Stack
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.services]
 
 HOUR = 3600
 A, B = 0, 1
