@@ -2,7 +2,6 @@
 the Cloud API client."""
 
 import asyncio
-import hmac
 import json
 import logging
 from collections import OrderedDict
@@ -37,7 +36,7 @@ from connector.payloads import (
     parse_webhook,
 )
 from connector.render import numbered_choice, render
-from connector.signature import is_valid
+from connector.signature import is_valid, same_secret
 from connector.window import Decision, Outbound, SendFreeForm, SendTemplate, Suppress, WindowFacts, decide
 
 logger = logging.getLogger(__name__)
@@ -250,9 +249,7 @@ class WhatsAppInput(InputChannel):
         async def verify_subscription(request: Request) -> HTTPResponse:
             """Meta's handshake when the webhook URL is saved in the app dashboard."""
             token = request.args.get("hub.verify_token") or ""
-            if request.args.get("hub.mode") != "subscribe" or not hmac.compare_digest(
-                token.encode(), self.config.verify_token.encode()
-            ):
+            if request.args.get("hub.mode") != "subscribe" or not same_secret(self.config.verify_token, token):
                 logger.warning("Webhook verification refused: wrong mode or verify token")
                 return response.text("verification failed", status=403)
             return response.text(request.args.get("hub.challenge") or "")
@@ -286,7 +283,7 @@ class WhatsAppInput(InputChannel):
             token = request.args.get("token") or request.headers.get("authorization", "").removeprefix("Bearer ")
             if not self.config.api_token:
                 return response.json({"error": "set api_token in the channel's credentials"}, status=404)
-            if not hmac.compare_digest(token.encode(), self.config.api_token.encode()):
+            if not same_secret(self.config.api_token, token):
                 return response.json({"error": "unauthorized"}, status=401)
             self.app = request.app
             return response.json(await self.window_view(sender_id))

@@ -17,5 +17,11 @@ def sign(body: bytes, app_secret: str) -> str:
 
 
 def is_valid(body: bytes, header: str, app_secret: str) -> bool:
-    """Whether `header` signs `body`; compared in constant time so timing leaks nothing."""
-    return hmac.compare_digest(sign(body, app_secret), header.strip().lower())
+    """Whether `header` signs `body`; compared in constant time so timing leaks nothing (as
+    bytes: compare_digest refuses non-ASCII text, and an attacker chooses the header)."""
+    return same_secret(sign(body, app_secret), header.strip().lower())
+
+
+def same_secret(expected: str, received: str) -> bool:
+    """Constant-time equality of a secret and what a request carried (any text at all)."""
+    return hmac.compare_digest(expected.encode("utf-8", "replace"), received.encode("utf-8", "replace"))

@@ -28,3 +28,8 @@ def test_raw_bytes_are_signed_not_reserialised_json():
     raw = '{"text":"caf\\u00e9"}'.encode()
     reserialised = '{"text":"café"}'.encode()
     assert not is_valid(reserialised, sign(raw, SECRET), SECRET)
+
+
+def test_non_ascii_header_is_simply_invalid():
+    assert not is_valid(BODY, "sha256=é" + EXPECTED[8:], SECRET)
+    assert not is_valid(BODY, "\udcff", SECRET)
