@@ -5,11 +5,12 @@ Run with ``rasa run actions --actions actions`` from the project root.
 
 import json
 import logging
+import math
 import os
 import re
 from datetime import date, datetime, timedelta
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Text
+from typing import Any, Dict, List, NamedTuple, Optional, Text, Tuple
 
 import aiohttp
 from rasa_sdk import Action, FormValidationAction, Tracker
@@ -303,3 +304,116 @@ async def _fetch_window_view(sender_id: Text) -> Dict[Text, Any]:
     except (aiohttp.ClientError, OSError, ValueError) as error:
         logger.warning("Care window view unavailable (%s): judging from this session only", error)
         return {}
+
+
+# --- A shared location → the nearest pickup point ------------------------------------------
+
+
+class PickupPoint(NamedTuple):
+    name: Text
+    address: Text
+    latitude: float
+    longitude: float
+
+
+# Made-up pickup points for the demo shop.
+PICKUP_POINTS: Tuple[PickupPoint, ...] = (
+    PickupPoint("the shop counter in Mitte", "Torstraße 101, 10119 Berlin", 52.5291, 13.4010),
+    PickupPoint("the Kreuzberg kiosk", "Oranienstraße 25, 10999 Berlin", 52.5010, 13.4195),
+    PickupPoint("the Charlottenburg parcel locker", "Kantstraße 60, 10627 Berlin", 52.5060, 13.3050),
+)
+# Farther than this, the customer is told the points are all in Berlin.
+PICKUP_FAR_KM = 50.0
+EARTH_RADIUS_KM = 6371.0
+
+
+def haversine_km(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
+    """Great-circle distance in km between two points given in degrees."""
+    phi1, phi2 = math.radians(lat1), math.radians(lat2)
+    d_phi = phi2 - phi1
+    d_lambda = math.radians(lon2 - lon1)
+    a = math.sin(d_phi / 2) ** 2 + math.cos(phi1) * math.cos(phi2) * math.sin(d_lambda / 2) ** 2
+    return 2 * EARTH_RADIUS_KM * math.asin(min(1.0, math.sqrt(a)))
+
+
+def nearest_pickup_point(
+    latitude: float, longitude: float, points: Tuple[PickupPoint, ...] = PICKUP_POINTS
+) -> Tuple[PickupPoint, float]:
+    """The closest point and its distance in km."""
+    return min(
+        ((p, haversine_km(latitude, longitude, p.latitude, p.longitude)) for p in points),
+        key=lambda pair: pair[1],
+    )
+
+
+def _coordinate(value: Any, limit: float) -> Optional[float]:
+    """A latitude (limit 90) or longitude (limit 180) as float, or None when unusable."""
+    if isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    if not math.isfinite(number) or abs(number) > limit:
+        return None
+    return number
+
+
+def _latest_entity(tracker: Tracker, entity: Text) -> Any:
+    for found in (tracker.latest_message or {}).get("entities") or []:
+        if found.get("entity") == entity:
+            return found.get("value")
+    return None
+
+
+def format_km(km: float) -> Text:
+    if km < 0.1:
+        return "less than 0.1 km"
+    return f"about {km:.1f} km" if km < 100 else f"about {km:,.0f} km"
+
+
+def _place_label(value: Any, limit: int = 80) -> Optional[Text]:
+    """The shared place's name or address on one line (names may contain newlines)."""
+    label = " ".join(str(value).split()) if value is not None else ""
+    if len(label) > limit:
+        label = label[: limit - 1].rstrip() + "…"
+    return label or None
+
+
+class ActionNearestPickupPoint(Action):
+    """Answers a shared location (`/whatsapp_location{"latitude": .., "longitude": .., ...}`)
+    with the nearest pickup point and its distance."""
+
+    def name(self) -> Text:
+        return "action_nearest_pickup_point"
+
+    async def run(
+        self,
+        dispatcher: CollectingDispatcher,
+        tracker: Tracker,
+        domain: DomainDict,
+    ) -> List[EventType]:
+        latitude = _coordinate(_latest_entity(tracker, "latitude"), 90.0)
+        longitude = _coordinate(_latest_entity(tracker, "longitude"), 180.0)
+        if latitude is None or longitude is None:
+            dispatcher.utter_message(
+                text=(
+                    "Thanks for the location! I couldn't read it, though. Please share it "
+                    "again, or ask for a person."
+                )
+            )
+            return []
+
+        point, km = nearest_pickup_point(latitude, longitude)
+        place = _place_label(_latest_entity(tracker, "name")) or _place_label(
+            _latest_entity(tracker, "address")
+        )
+        where = f" to {place}" if place else ""
+        text = (
+            f"The nearest pickup point{where} is {point.name}, {point.address} "
+            f"({format_km(km)} away)."
+        )
+        if km > PICKUP_FAR_KM:
+            text += " Our pickup points are all in Berlin; ask for a person about delivery to you."
+        dispatcher.utter_message(text=text)
+        return []

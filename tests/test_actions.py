@@ -16,12 +16,16 @@ from rasa_sdk.executor import CollectingDispatcher
 
 from actions import actions
 from actions.actions import (
+    PICKUP_POINTS,
+    ActionNearestPickupPoint,
     ActionOrderFollowUp,
     ActionCheckOrderStatus,
     ActionOptIn,
     ActionOptOut,
     ValidateOrderForm,
+    haversine_km,
     load_orders,
+    nearest_pickup_point,
     normalize_order_id,
 )
 
@@ -324,3 +328,153 @@ async def test_follow_up_outside_the_window_uses_the_templated_response_with_its
     (message,) = dispatcher.messages
     assert message["response"] == "utter_order_update"
     assert (message["order_id"], message["order_status"]) == ("10042", "shipped")
+
+
+# --- action_nearest_pickup_point (a shared location) --------------------------------------
+
+
+def _location_tracker(**entities: Any) -> Tracker:
+    """The latest message as RegexMessageHandler parses `/whatsapp_location{...}`."""
+    payload = "/whatsapp_location" + (json.dumps(entities) if entities else "")
+    return make_tracker(
+        text=payload,
+        intent="whatsapp_location",
+        entities=[{"entity": k, "value": v, "start": 18, "end": len(payload)} for k, v in entities.items()],
+    )
+
+
+def test_haversine_known_distances():
+    assert haversine_km(52.52, 13.40, 52.52, 13.40) == 0
+    # Berlin (52.5200, 13.4050) – Paris (48.8566, 2.3522): about 878 km.
+    assert haversine_km(52.52, 13.405, 48.8566, 2.3522) == pytest.approx(878, abs=3)
+    # One degree of latitude along a meridian: 2πR/360.
+    assert haversine_km(0, 0, 1, 0) == pytest.approx(111.19, abs=0.01)
+    # Symmetric, and across the antimeridian the short way round.
+    assert haversine_km(10, 20, -5, 40) == pytest.approx(haversine_km(-5, 40, 10, 20))
+    assert haversine_km(0, 179.5, 0, -179.5) == pytest.approx(111.19, abs=0.01)
+
+
+def test_nearest_pickup_point_is_the_minimum():
+    for point in PICKUP_POINTS:
+        assert nearest_pickup_point(point.latitude, point.longitude) == (point, 0)
+    lat, lon = 52.5163, 13.3777  # Brandenburg Gate
+    point, km = nearest_pickup_point(lat, lon)
+    assert km == min(haversine_km(lat, lon, p.latitude, p.longitude) for p in PICKUP_POINTS)
+    assert km == haversine_km(lat, lon, point.latitude, point.longitude)
+
+
+def test_there_are_three_distinct_pickup_points():
+    assert len(PICKUP_POINTS) == 3
+    assert len({(p.latitude, p.longitude) for p in PICKUP_POINTS}) == 3
+
+
+def test_nearest_pickup_point_is_declared_in_the_domain(domain):
+    assert ActionNearestPickupPoint().name() == "action_nearest_pickup_point"
+    assert "action_nearest_pickup_point" in domain["actions"]
+    assert "whatsapp_location" in domain["intents"]
+    entities = {next(iter(e)) if isinstance(e, dict) else e for e in domain["entities"]}
+    assert {"latitude", "longitude", "name", "address"} <= entities
+
+
+async def test_nearest_pickup_point_for_alexanderplatz(domain):
+    dispatcher = CollectingDispatcher()
+    tracker = _location_tracker(latitude=52.52, longitude=13.40, name="Alexanderplatz")
+
+    events = await ActionNearestPickupPoint().run(dispatcher, tracker, domain)
+
+    assert events == []
+    [message] = texts(dispatcher)
+    point, km = nearest_pickup_point(52.52, 13.40)
+    assert point.name == "the shop counter in Mitte"
+    assert km == pytest.approx(1.0, abs=0.1)
+    assert message == (
+        "The nearest pickup point to Alexanderplatz is the shop counter in Mitte, "
+        "Torstraße 101, 10119 Berlin (about 1.0 km away)."
+    )
+
+
+@pytest.mark.parametrize(
+    "lat, lon, expected",
+    [
+        (52.4990, 13.4180, "the Kreuzberg kiosk"),
+        (52.5050, 13.3000, "the Charlottenburg parcel locker"),
+        ("52.5291", "13.4010", "the shop counter in Mitte"),  # strings are fine too
+    ],
+)
+async def test_nearest_pickup_point_picks_each_point(domain, lat, lon, expected):
+    dispatcher = CollectingDispatcher()
+
+    await ActionNearestPickupPoint().run(dispatcher, _location_tracker(latitude=lat, longitude=lon), domain)
+
+    [message] = texts(dispatcher)
+    assert message.startswith(f"The nearest pickup point is {expected}, ")
+    assert " km away)." in message
+    assert "Berlin;" not in message  # no "far away" note
+
+
+async def test_nearest_pickup_point_without_a_name_uses_the_address(domain):
+    dispatcher = CollectingDispatcher()
+    tracker = _location_tracker(latitude=52.5291, longitude=13.4010, address="Torstraße 99")
+
+    await ActionNearestPickupPoint().run(dispatcher, tracker, domain)
+
+    assert texts(dispatcher) == [
+        "The nearest pickup point to Torstraße 99 is the shop counter in Mitte, "
+        "Torstraße 101, 10119 Berlin (less than 0.1 km away)."
+    ]
+
+
+async def test_nearest_pickup_point_far_away_says_so(domain):
+    dispatcher = CollectingDispatcher()
+
+    await ActionNearestPickupPoint().run(dispatcher, _location_tracker(latitude=48.1374, longitude=11.5755, name="Munich"), domain)
+
+    [message] = texts(dispatcher)
+    assert message.startswith("The nearest pickup point to Munich is ")
+    assert "(about 50" in message and " km away)." in message  # ~505 km, no decimals
+    assert "." not in message.split("(about ")[1].split(" km")[0]
+    assert "pickup points are all in Berlin" in message
+
+
+async def test_nearest_pickup_point_keeps_a_multiline_place_name_on_one_line(domain):
+    dispatcher = CollectingDispatcher()
+    tracker = _location_tracker(latitude=52.5, longitude=13.3, name='Café "Zum {Eck}"\n  Hof', address="Kantstr. 1")
+
+    await ActionNearestPickupPoint().run(dispatcher, tracker, domain)
+
+    [message] = texts(dispatcher)
+    assert message.startswith('The nearest pickup point to Café "Zum {Eck}" Hof is ')
+    assert "\n" not in message
+
+
+async def test_nearest_pickup_point_ignores_a_blank_name(domain):
+    dispatcher = CollectingDispatcher()
+    tracker = _location_tracker(latitude=52.5291, longitude=13.4010, name="  ", address=" ")
+
+    await ActionNearestPickupPoint().run(dispatcher, tracker, domain)
+
+    assert texts(dispatcher)[0].startswith("The nearest pickup point is the shop counter in Mitte")
+
+
+@pytest.mark.parametrize(
+    "entities",
+    [
+        {},
+        {"latitude": 52.52},
+        {"longitude": 13.40},
+        {"latitude": "north", "longitude": 13.40},
+        {"latitude": 91, "longitude": 13.40},
+        {"latitude": 52.52, "longitude": -180.5},
+        {"latitude": None, "longitude": None},
+        {"latitude": True, "longitude": 13.40},
+        {"latitude": "nan", "longitude": 13.40},
+    ],
+)
+async def test_nearest_pickup_point_without_usable_coordinates(domain, entities):
+    dispatcher = CollectingDispatcher()
+
+    events = await ActionNearestPickupPoint().run(dispatcher, _location_tracker(**entities), domain)
+
+    assert events == []
+    [message] = texts(dispatcher)
+    assert "couldn't read it" in message
