@@ -114,3 +114,57 @@ def test_http_api_needs_the_token(stack, wa_id):
     assert http("GET", f"{stack.rasa_url}/conversations/{wa_id}/tracker")[0] == 401
 
 
+
+
+def test_photo_with_caption_is_understood_as_text(stack, wa_id):
+    stack.customer_says(wa_id, {"image": {"caption": "where is order 10042"}})
+    reply = bodies(stack.wait_outbound(wa_id, 1))[-1]
+    assert "10042" in reply["text"]["body"] and "shipped" in reply["text"]["body"]
+    (user_event,) = [e for e in stack.tracker(wa_id)["events"] if e["event"] == "user"]
+    assert user_event["metadata"]["whatsapp"]["media"]["mime_type"].startswith("image/")
+
+
+def test_photo_without_caption_gets_the_media_reply(stack, wa_id):
+    stack.customer_says(wa_id, {"image": {}})
+    reply = bodies(stack.wait_outbound(wa_id, 1))[-1]
+    assert reply["text"]["body"].startswith("Thanks! I can't look at photos")
+
+
+def test_shared_location_gets_the_nearest_pickup_point(stack, wa_id):
+    stack.customer_says(wa_id, {"location": {"latitude": 52.52, "longitude": 13.40, "name": "Alexanderplatz"}})
+    reply = bodies(stack.wait_outbound(wa_id, 1))[-1]
+    assert reply["text"]["body"].startswith("The nearest pickup point to Alexanderplatz")
+
+
+def test_list_row_tap_with_an_intent_id(stack, wa_id):
+    stack.customer_says(wa_id, {"list_reply": {"id": "/human_handoff", "title": "Talk to a person"}})
+    assert "colleague" in bodies(stack.wait_outbound(wa_id, 1))[-1]["text"]["body"]
+
+
+def test_customer_messages_are_marked_read(stack, wa_id):
+    sent = stack.customer_says(wa_id, "hi")
+    stack.wait_outbound(wa_id, 1)
+    (inbound,) = [m for m in stack.conversation(wa_id)["messages"] if m["direction"] == "in"]
+    assert inbound["wamid"] == sent["wamid"] and inbound["read_at"] is not None and inbound["typing_indicator"]
+
+
+def test_meta_redelivering_a_message_gets_one_answer(stack, wa_id):
+    stack.customer_says(wa_id, "hi")
+    stack.wait_outbound(wa_id, 1)
+    (inbound,) = [m for m in stack.conversation(wa_id)["messages"] if m["direction"] == "in"]
+    body = {
+        "object": "whatsapp_business_account",
+        "entry": [{"id": "1", "changes": [{"field": "messages", "value": {
+            "messaging_product": "whatsapp",
+            "metadata": {"display_phone_number": "15550783881", "phone_number_id": "106540352242922"},
+            "contacts": [{"profile": {"name": "Ada"}, "wa_id": wa_id}],
+            "messages": [inbound["payload"]],
+        }}]}],
+    }
+    raw = json.dumps(body).encode()
+    for _ in range(2):
+        status, _ = http("POST", stack.webhook_url, raw, headers={"X-Hub-Signature-256": sign(raw, APP_SECRET)})
+        assert status == 200
+    stack.customer_says(wa_id, "bye")  # a later message is answered: the duplicates were not
+    replies = stack.wait_outbound(wa_id, 2)
+    assert len(replies) == 2 and len([e for e in stack.tracker(wa_id)["events"] if e["event"] == "user"]) == 2
