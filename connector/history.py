@@ -106,7 +106,8 @@ class CareWindowHistory:
             facts = _facts(known, records)
             if facts.is_open(now, policy) and not read_slots_when_open:
                 return facts, {}
-            stored_message = await _last_inbound(store, sender_id)  # "closed" must come from the store
+            reader = _StoreReader(store, sender_id)
+            stored_message = await reader.last_inbound()  # "closed" must come from the store
             stored = stored_message[0] if stored_message else None
             if stored_message is not None:
                 self.saw_inbound(sender_id, *stored_message)
@@ -114,7 +115,7 @@ class CareWindowHistory:
             facts = _facts(last, records)
             if facts.is_open(now, policy) and not read_slots_when_open:
                 return facts, {}
-            values = await _latest_slots(store, sender_id, [self._opt_in_slot, *slots])
+            values = await reader.latest_slots([self._opt_in_slot, *slots])
         except Exception as error:  # the store is down: nothing is provably allowed
             logger.error("Care window state for %s unreadable: %s", sender_id[-4:], error)
             return WindowFacts(None, unknown=f"tracker store unavailable ({type(error).__name__})"), {}
@@ -182,58 +183,95 @@ def _unwrap(store: Optional[TrackerStore]) -> Optional[TrackerStore]:
     return store
 
 
-async def _last_inbound(store: TrackerStore, sender_id: str) -> Optional[Tuple[float, Optional[str]]]:
-    """(WhatsApp timestamp, phone_number_id) of the customer's latest message, across sessions."""
-    if isinstance(store, SQLTrackerStore):
-        for data in _sql_newest_first(store, sender_id, UserUttered.type_name):
-            message = _customer_message(data)
-            if message is not None:
-                return message
+class _StoreReader:
+    """One decision's reads of a customer's events. SQL stores answer indexed queries; any
+    other store is read whole, once per decision."""
+
+    def __init__(self, store: TrackerStore, sender_id: str) -> None:
+        self.store = store
+        self.sender_id = sender_id
+        self._events: Optional[List[Any]] = None
+
+    async def last_inbound(self) -> Optional[Tuple[float, Optional[str]]]:
+        """(WhatsApp timestamp, phone_number_id) of the customer's latest message, across sessions."""
+        if isinstance(self.store, SQLTrackerStore):
+            for data in _sql_newest_first(self.store, self.sender_id, UserUttered.type_name):
+                message = _customer_message(data)
+                if message is not None:
+                    return message
+            return None
+        for event in reversed(await self._all_events()):
+            if isinstance(event, UserUttered):
+                message = _customer_message({"metadata": event.metadata})
+                if message is not None:
+                    return message
         return None
-    tracker = await store.retrieve_full_tracker(sender_id)
-    for event in reversed(tracker.events if tracker else []):
-        if isinstance(event, UserUttered):
-            message = _customer_message({"metadata": event.metadata})
-            if message is not None:
-                return message
-    return None
 
-
-async def _latest_slots(store: TrackerStore, sender_id: str, names: List[str]) -> Dict[str, Any]:
-    """The latest value each slot was set to, across sessions (a session reset does not undo a
-    customer's opt-in)."""
-    wanted = set(names)
-    found: Dict[str, Any] = {}
-    if isinstance(store, SQLTrackerStore):
-        for name in wanted:
-            pattern = f'%"name": {json.dumps(name)}%'
-            for data in _sql_newest_first(store, sender_id, SlotSet.type_name, pattern, limit=1):
-                if data.get("name") == name:
+    async def latest_slots(self, names: List[str]) -> Dict[str, Any]:
+        """The latest value each slot was set to, across sessions (a session reset does not
+        undo a customer's opt-in)."""
+        wanted = set(names)
+        found: Dict[str, Any] = {}
+        if isinstance(self.store, SQLTrackerStore):
+            for name in wanted:  # Rasa stores a SlotSet's slot name in the action_name column
+                for data in _sql_newest_first(self.store, self.sender_id, SlotSet.type_name, action_name=name):
                     found[name] = data.get("value")
+                    break
+            return found
+        for event in reversed(await self._all_events()):
+            if isinstance(event, SlotSet) and event.key in wanted and event.key not in found:
+                found[event.key] = event.value
+                if len(found) == len(wanted):
+                    break
         return found
-    tracker = await store.retrieve_full_tracker(sender_id)
-    for event in reversed(tracker.events if tracker else []):
-        if isinstance(event, SlotSet) and event.key in wanted and event.key not in found:
-            found[event.key] = event.value
-            if len(found) == len(wanted):
-                break
-    return found
+
+    async def _all_events(self) -> List[Any]:
+        if self._events is None:
+            tracker = await self.store.retrieve_full_tracker(self.sender_id)
+            self._events = list(tracker.events) if tracker else []
+        return self._events
+
+
+_INDEXES = (
+    ("ix_events_whatsapp_window", ("sender_id", "type_name", "id")),
+    ("ix_events_whatsapp_slots", ("sender_id", "type_name", "action_name", "id")),
+)
+_indexed: set = set()
+
+
+def ensure_indexes(store: SQLTrackerStore) -> None:
+    """Rasa indexes `events` by sender_id alone: PostgreSQL then reads a customer's rows
+    newest-first by scanning every row written since (other customers' too) or by sorting all
+    of theirs. These two indexes keep the care window's reads flat. Created once, if missing."""
+    key = str(store.engine.url)
+    if key in _indexed:
+        return
+    table = store.SQLEvent.__tablename__
+    with store.engine.begin() as connection:
+        for name, columns in _INDEXES:
+            connection.exec_driver_sql(f"CREATE INDEX IF NOT EXISTS {name} ON {table} ({', '.join(columns)})")
+    _indexed.add(key)
 
 
 def _sql_newest_first(
-    store: SQLTrackerStore, sender_id: str, type_name: str, data_like: Optional[str] = None, limit: Optional[int] = None
+    store: SQLTrackerStore, sender_id: str, type_name: str, action_name: Optional[str] = None
 ) -> Iterable[Dict[str, Any]]:
-    """Stored events of one type, newest first, a page at a time (indexed by sender_id)."""
+    """Stored events of one type, newest first: a row first (usually all it takes), then pages."""
+    ensure_indexes(store)
     event = store.SQLEvent
-    offset = 0
+    before: Optional[int] = None
+    size = 1
     while True:
         with store.session_scope() as session:
-            query = session.query(event.data).filter(event.sender_id == sender_id, event.type_name == type_name)
-            if data_like is not None:
-                query = query.filter(event.data.like(data_like))
-            page = query.order_by(event.id.desc()).offset(offset).limit(limit or _PAGE).all()
-        for (data,) in page:
+            query = session.query(event.id, event.data).filter(event.sender_id == sender_id, event.type_name == type_name)
+            if action_name is not None:
+                query = query.filter(event.action_name == action_name)
+            if before is not None:
+                query = query.filter(event.id < before)
+            page = query.order_by(event.id.desc()).limit(size).all()
+        for row_id, data in page:
             yield json.loads(data)
-        if limit is not None or len(page) < _PAGE:
+        if len(page) < size:
             return
-        offset += _PAGE
+        before = page[-1][0]
+        size = _PAGE
