@@ -270,6 +270,9 @@ class WhatsAppInput(InputChannel):
                 return response.text("invalid signature", status=403)
             try:
                 webhook = parse_webhook(json.loads(body))
+            except RecursionError:  # nesting deeper than the parser's stack
+                logger.warning("Webhook refused: JSON nested too deeply")
+                return response.text("malformed webhook: JSON nested too deeply", status=400)
             except (ValueError, MalformedWebhook) as problem:
                 logger.warning("Webhook refused: %s", problem)
                 return response.text(f"malformed webhook: {problem}", status=400)

@@ -404,8 +404,8 @@ def _parse_value(name: str, value: Mapping[str, Any], where: str, out: _Collecte
         for i, raw in enumerate(_list(value.get(key))):
             try:
                 parse(raw)
-            except (TypeError, ValueError, KeyError) as problem:
-                out.skipped.append(f"{where}.{key}[{i}]: {problem}")
+            except (TypeError, ValueError, KeyError, ArithmeticError) as problem:
+                out.skipped.append(f"{where}.{key}[{i}]: {str(problem)[:200]}")
 
     if name == "messages":
         def message(raw: Any) -> None:
@@ -568,10 +568,10 @@ def _coordinate(value: Any, name: str, limit: float) -> float:
         raise ValueError(f"bad {name} {value!r}")
     try:
         number = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"bad {name} {value!r}") from None
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"bad {name}") from None
     if not math.isfinite(number) or abs(number) > limit:
-        raise ValueError(f"bad {name} {value!r}")
+        raise ValueError(f"bad {name} {number!r}")
     return number
 
 
@@ -855,17 +855,21 @@ def _required(raw: Mapping[str, Any], key: str) -> str:
     return value
 
 
+_LATEST_TIMESTAMP = 10**11  # the year 5138: anything later is garbage, not a clock
+
+
 def _timestamp(value: Any) -> int:
     """Meta sends unix seconds as a string (an integer in `user_preferences`); a missing or
     garbled one makes the item unusable, because the care window is judged from it."""
-    if isinstance(value, bool):
-        raise ValueError(f"bad timestamp {value!r}")
+    shown = repr(value)[:40]
+    if isinstance(value, bool) or (isinstance(value, str) and len(value) > 20):
+        raise ValueError(f"bad timestamp {shown}")
     try:
         seconds = int(str(value).strip())
     except (TypeError, ValueError):
-        raise ValueError(f"bad timestamp {value!r}") from None
-    if seconds <= 0:
-        raise ValueError(f"bad timestamp {value!r}")
+        raise ValueError(f"bad timestamp {shown}") from None
+    if not 0 < seconds < _LATEST_TIMESTAMP:
+        raise ValueError(f"bad timestamp {shown}")
     return seconds
 
 
@@ -888,7 +892,7 @@ def _number(value: Any) -> Optional[float]:
         return value
     try:
         return float(str(value))
-    except ValueError:
+    except (ValueError, OverflowError):
         return None
 
 
