@@ -404,7 +404,7 @@ def _parse_value(name: str, value: Mapping[str, Any], where: str, out: _Collecte
         for i, raw in enumerate(_list(value.get(key))):
             try:
                 parse(raw)
-            except (TypeError, ValueError, KeyError, ArithmeticError) as problem:
+            except (TypeError, ValueError, KeyError, ArithmeticError, RecursionError) as problem:
                 out.skipped.append(f"{where}.{key}[{i}]: {str(problem)[:200]}")
 
     if name == "messages":
@@ -465,7 +465,18 @@ def _contact_for(contacts: List[Mapping[str, Any]], wa_id: Optional[str], user_i
     for contact in contacts:
         if (wa_id and contact.get("wa_id") == wa_id) or (user_id and contact.get("user_id") == user_id):
             return contact
-    return contacts[0] if len(contacts) == 1 else {}
+    if len(contacts) == 1 and not _names_someone_else(contacts[0], wa_id, user_id):
+        return contacts[0]
+    return {}
+
+
+def _names_someone_else(contact: Mapping[str, Any], wa_id: Optional[str], user_id: Optional[str]) -> bool:
+    """A lone contact may complete an item's ids only if none of its ids contradicts them: else
+    one customer's text would land in another's conversation."""
+    return bool(
+        (wa_id and contact.get("wa_id") and contact.get("wa_id") != wa_id)
+        or (user_id and contact.get("user_id") and contact.get("user_id") != user_id)
+    )
 
 
 # --- messages ------------------------------------------------------------------------------
@@ -627,7 +638,7 @@ def _flow(raw: Any) -> Flow:
     if isinstance(response, str):
         try:
             response = json.loads(response)
-        except ValueError:
+        except (ValueError, RecursionError):
             response = None
     return Flow(
         name=_text(raw.get("name")),

@@ -591,3 +591,24 @@ def test_mixed_batch_sorts_every_item_into_its_place():
     counts = [len(g) for g in (parsed.messages, parsed.statuses, parsed.system_changes, parsed.calls,
                                parsed.preferences, parsed.errors, parsed.notices)]
     assert counts == [1, 1, 1, 1, 1, 1, 1]
+
+
+def test_a_lone_contact_of_another_customer_does_not_lend_its_ids():
+    body = webhook("text")
+    value = body["entry"][0]["changes"][0]["value"]
+    message = value["messages"][0]
+    del message["from"]
+    message["from_user_id"] = "US.999"
+    value["contacts"] = [{"profile": {"name": "Kerry Fisher"}, "wa_id": "16315551181", "user_id": "US.111"}]
+    (parsed,) = parse_webhook(body).messages
+    assert (parsed.sender_id, parsed.wa_id, parsed.profile_name) == ("US.999", None, None)
+
+
+def test_a_deeply_nested_flow_response_does_not_lose_the_batch():
+    body = webhook("batch_two_messages_one_value")
+    value = body["entry"][0]["changes"][0]["value"]
+    flow = dict(value["messages"][0], id="wamid.flow", type="interactive",
+                interactive={"type": "nfm_reply", "nfm_reply": {"name": "flow", "body": "Sent", "response_json": "[" * 5000}})
+    value["messages"].append(flow)
+    parsed = parse_webhook(body)
+    assert [m.text for m in parsed.messages][:2] == ["Two quick questions", "Do you ship to Canada?"]
