@@ -74,6 +74,8 @@ def test_customer_writes_reminder_30h_later_trigger_reply_trigger(stack, wa_id):
 
     view = stack.window(wa_id)
     assert view["window_open"] is True and view["opt_in"] is True
+    delivered = [d["delivery"] for d in view["recent_decisions"] if d["kind"] in ("free_form", "template")]
+    assert delivered and all(d and d["status"] in ("sent", "delivered", "read") for d in delivered[:-1])
     assert view["expires_at"] == pytest.approx(view["last_inbound_at"] + 24 * HOUR - 60)
 
 

@@ -213,3 +213,22 @@ async def test_username_customer_uses_user_id_as_sender(app, channel):
 async def test_health(app):
     _, response = await app.asgi_client.get("/webhooks/whatsapp/")
     assert response.status == 200
+
+
+async def test_template_quick_reply_unsubscribe_opts_out_without_nlu(app, channel):
+    body = webhook("button_template_quick_reply")
+    body["entry"][0]["changes"][0]["value"]["messages"][0]["button"] = {"payload": "Unsubscribe", "text": "Unsubscribe"}
+    await post(app, json.dumps(body).encode())
+    (message,) = await delivered(app, channel)
+    assert message.text == "/opt_out" and message.metadata["whatsapp"]["opt_out_keyword"] == "Unsubscribe"
+    tracker = await app.ctx.agent.tracker_store.retrieve("16315551181")
+    assert [(e.key, e.value) for e in tracker.events if e.type_name == "slot"] == [("whatsapp_opt_in", False)]
+
+
+async def test_replies_leave_from_the_number_the_customer_wrote_to(app, channel):
+    body = webhook("text")
+    body["entry"][0]["changes"][0]["value"]["metadata"]["phone_number_id"] = "222222222222222"
+    await post(app, json.dumps(body).encode())
+    (message,) = await delivered(app, channel)
+    assert message.output_channel.phone_number_id == "222222222222222"
+    assert channel.history.reply_number("16315551181") == "222222222222222"
