@@ -339,8 +339,7 @@ class WhatsAppInput(InputChannel):
             logger.warning("Meta reports error code=%s %s: %s", error.code, error.title, error.details)
         for notice in webhook.notices:
             logger.info("Meta notice %s: %s", notice.field, notice.event)
-        items = [*webhook.statuses, *webhook.messages, *webhook.calls, *webhook.system_changes, *webhook.preferences]
-        for item in items:
+        for item in webhook.in_order:
             if not await self.dedup.first_time(dedup_key(item)):
                 logger.info("Duplicate %s %s ignored", type(item).__name__, dedup_key(item).split(":")[1][-12:])
             elif isinstance(item, StatusUpdate):

@@ -322,6 +322,9 @@ class Webhook:
     preferences: Tuple[UserPreference, ...] = ()
     errors: Tuple[ErrorNotice, ...] = ()
     notices: Tuple[Notice, ...] = ()
+    in_order: Tuple[Any, ...] = ()
+    """Messages, statuses, calls, system changes and preferences as they appear in the body:
+    a call between two messages of one customer is handled between them."""
 
 
 class _Collected:
@@ -336,6 +339,11 @@ class _Collected:
         self.preferences: List[UserPreference] = []
         self.errors: List[ErrorNotice] = []
         self.notices: List[Notice] = []
+        self.in_order: List[Any] = []
+
+    def add(self, kind: List[Any], item: Any) -> None:
+        kind.append(item)
+        self.in_order.append(item)
 
     def webhook(self) -> Webhook:
         return Webhook(
@@ -347,6 +355,7 @@ class _Collected:
             preferences=tuple(self.preferences),
             errors=tuple(self.errors),
             notices=tuple(self.notices),
+            in_order=tuple(self.in_order),
         )
 
 
@@ -410,17 +419,17 @@ def _parse_value(name: str, value: Mapping[str, Any], where: str, out: _Collecte
     if name == "messages":
         def message(raw: Any) -> None:
             if isinstance(raw, Mapping) and raw.get("type") == "system":
-                out.system_changes.append(_system_change(raw, phone_number_id))
+                out.add(out.system_changes, _system_change(raw, phone_number_id))
             else:
-                out.messages.append(_message(raw, contacts, phone_number_id, display_phone_number))
+                out.add(out.messages, _message(raw, contacts, phone_number_id, display_phone_number))
 
         each("messages", message)
-        each("statuses", lambda raw: out.statuses.append(_status(raw, contacts, phone_number_id)))
+        each("statuses", lambda raw: out.add(out.statuses, _status(raw, contacts, phone_number_id)))
     elif name == "calls":
-        each("calls", lambda raw: out.calls.append(_call(raw, contacts, phone_number_id, display_phone_number)))
-        each("statuses", lambda raw: out.calls.append(_call_status(raw, contacts, phone_number_id)))
+        each("calls", lambda raw: out.add(out.calls, _call(raw, contacts, phone_number_id, display_phone_number)))
+        each("statuses", lambda raw: out.add(out.calls, _call_status(raw, contacts, phone_number_id)))
     else:
-        each("user_preferences", lambda raw: out.preferences.append(_preference(raw, contacts, phone_number_id)))
+        each("user_preferences", lambda raw: out.add(out.preferences, _preference(raw, contacts, phone_number_id)))
 
     for error in _list(value.get("errors")):
         if isinstance(error, Mapping):

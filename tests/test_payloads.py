@@ -612,3 +612,15 @@ def test_a_deeply_nested_flow_response_does_not_lose_the_batch():
     value["messages"].append(flow)
     parsed = parse_webhook(body)
     assert [m.text for m in parsed.messages][:2] == ["Two quick questions", "Do you ship to Canada?"]
+
+
+def test_items_keep_the_order_they_arrive_in_across_changes():
+    text, call = webhook("text"), webhook("call_connect")
+    second = webhook("text")
+    second["entry"][0]["changes"][0]["value"]["messages"][0]["id"] = "wamid.second"
+    body = {"object": "whatsapp_business_account", "entry": [
+        {"id": "1", "changes": text["entry"][0]["changes"] + call["entry"][0]["changes"] + second["entry"][0]["changes"]},
+    ]}
+    parsed = parse_webhook(body)
+    assert [type(item).__name__ for item in parsed.in_order] == ["InboundMessage", "CallEvent", "InboundMessage"]
+    assert parsed.in_order[2].wamid == "wamid.second"
