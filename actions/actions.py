@@ -3,6 +3,7 @@
 Run with ``rasa run actions --actions actions`` from the project root.
 """
 
+import abc
 import json
 import logging
 import math
@@ -193,46 +194,41 @@ class ValidateOrderForm(FormValidationAction):
         return {"order_id": order_id}
 
 
-class ActionOptIn(Action):
-    """Record the customer's opt-in to proactive order updates."""
+class _SetOptIn(Action, abc.ABC):
+    """Record the customer's choice about proactive order updates (the channel reads the slot).
+    Abstract, so that the action server does not register it."""
+
+    opt_in: bool
+    confirmation: Text
+
+    @abc.abstractmethod
+    def name(self) -> Text:
+        ...
+
+    async def run(
+        self,
+        dispatcher: CollectingDispatcher,
+        tracker: Tracker,
+        domain: DomainDict,
+    ) -> List[EventType]:
+        dispatcher.utter_message(text=self.confirmation)
+        return [SlotSet(OPT_IN_SLOT, self.opt_in)]
+
+
+class ActionOptIn(_SetOptIn):
+    opt_in = True
+    confirmation = "You'll get updates about your orders here. Reply STOP at any time to stop."
 
     def name(self) -> Text:
         return "action_opt_in"
 
-    async def run(
-        self,
-        dispatcher: CollectingDispatcher,
-        tracker: Tracker,
-        domain: DomainDict,
-    ) -> List[EventType]:
-        dispatcher.utter_message(
-            text=(
-                "You'll get updates about your orders here. "
-                "Reply STOP at any time to stop."
-            )
-        )
-        return [SlotSet(OPT_IN_SLOT, True)]
 
-
-class ActionOptOut(Action):
-    """Record the customer's opt-out from proactive order updates."""
+class ActionOptOut(_SetOptIn):
+    opt_in = False
+    confirmation = 'Done, I won\'t send you order updates any more. Send "subscribe" if you change your mind.'
 
     def name(self) -> Text:
         return "action_opt_out"
-
-    async def run(
-        self,
-        dispatcher: CollectingDispatcher,
-        tracker: Tracker,
-        domain: DomainDict,
-    ) -> List[EventType]:
-        dispatcher.utter_message(
-            text=(
-                "Done, I won't send you order updates any more. "
-                "Send \"subscribe\" if you change your mind."
-            )
-        )
-        return [SlotSet(OPT_IN_SLOT, False)]
 
 
 class ActionOrderFollowUp(Action):

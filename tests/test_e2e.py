@@ -11,6 +11,24 @@ from tests.stack import APP_SECRET, VERIFY_TOKEN, http, new_wa_id
 pytestmark = pytest.mark.e2e
 
 
+def webhook_from(wa_id, messages, name="Ada"):
+    """A Meta-shaped webhook body with these raw messages from one customer."""
+    return {
+        "object": "whatsapp_business_account",
+        "entry": [{"id": "1", "changes": [{"field": "messages", "value": {
+            "messaging_product": "whatsapp",
+            "metadata": {"display_phone_number": "15550783881", "phone_number_id": "106540352242922"},
+            "contacts": [{"profile": {"name": name}, "wa_id": wa_id}],
+            "messages": messages,
+        }}]}],
+    }
+
+
+def post_signed(stack, body):
+    raw = json.dumps(body).encode()
+    return http("POST", stack.webhook_url, raw, headers={"X-Hub-Signature-256": sign(raw, APP_SECRET)})[0]
+
+
 def bodies(messages):
     return [m["payload"] for m in messages]
 
@@ -58,15 +76,9 @@ def test_batch_of_three_customers_gets_three_replies(stack):
 
 @pytest.mark.parametrize("signature, expected", [("missing", 401), ("invalid", 403)])
 def test_forged_or_unsigned_posts_reach_no_bot(stack, wa_id, signature, expected):
-    body = {
-        "object": "whatsapp_business_account",
-        "entry": [{"id": "1", "changes": [{"field": "messages", "value": {
-            "messaging_product": "whatsapp",
-            "metadata": {"display_phone_number": "15550783881", "phone_number_id": "106540352242922"},
-            "contacts": [{"profile": {"name": "Mallory"}, "wa_id": wa_id}],
-            "messages": [{"from": wa_id, "id": f"wamid.forged{wa_id}", "timestamp": "1764000000", "type": "text", "text": {"body": "hi"}}],
-        }}]}],
-    }
+    body = webhook_from(wa_id, [
+        {"from": wa_id, "id": f"wamid.forged{wa_id}", "timestamp": "1764000000", "type": "text", "text": {"body": "hi"}},
+    ], name="Mallory")
     status, answer = http("POST", f"{stack.sim_url}/_sim/webhook", {"body": body, "signature": signature})
     assert status == 200 and answer["status"] == expected
     assert [e for e in stack.tracker(wa_id)["events"] if e["event"] == "user"] == []
@@ -82,22 +94,12 @@ def test_unparseable_message_in_a_batch_does_not_stop_the_others(stack, wa_id):
     stack.customer_says(wa_id, "hi")  # the simulator (like Meta) only lets replies out to a customer who wrote
     stack.wait_outbound(wa_id, 1)
     now = str(int(http("GET", f"{stack.sim_url}/_sim/clock")[1]["now"]))
-    body = {
-        "object": "whatsapp_business_account",
-        "entry": [{"id": "1", "changes": [{"field": "messages", "value": {
-            "messaging_product": "whatsapp",
-            "metadata": {"display_phone_number": "15550783881", "phone_number_id": "106540352242922"},
-            "contacts": [{"profile": {"name": "Ada"}, "wa_id": wa_id}],
-            "messages": [
-                {"from": wa_id, "timestamp": now, "type": "text", "text": {"body": "no id"}},
-                {"from": wa_id, "id": f"wamid.ok{wa_id}", "timestamp": now, "type": "text", "text": {"body": "bye"}},
-                {"from": wa_id, "id": f"wamid.img{wa_id}", "timestamp": now, "type": "image", "image": {"id": "1"}},
-            ],
-        }}]}],
-    }
-    raw = json.dumps(body).encode()
-    status, _ = http("POST", stack.webhook_url, raw, headers={"X-Hub-Signature-256": sign(raw, APP_SECRET)})
-    assert status == 200
+    body = webhook_from(wa_id, [
+        {"from": wa_id, "timestamp": now, "type": "text", "text": {"body": "no id"}},
+        {"from": wa_id, "id": f"wamid.ok{wa_id}", "timestamp": now, "type": "text", "text": {"body": "bye"}},
+        {"from": wa_id, "id": f"wamid.img{wa_id}", "timestamp": now, "type": "image", "image": {"id": "1"}},
+    ])
+    assert post_signed(stack, body) == 200
     stack.wait_outbound(wa_id, 2)
     user_events = [e for e in stack.tracker(wa_id)["events"] if e["event"] == "user"]
     assert [e["message_id"] for e in user_events][1:] == [f"wamid.ok{wa_id}"]
@@ -152,19 +154,8 @@ def test_meta_redelivering_a_message_gets_one_answer(stack, wa_id):
     stack.customer_says(wa_id, "hi")
     stack.wait_outbound(wa_id, 1)
     (inbound,) = [m for m in stack.conversation(wa_id)["messages"] if m["direction"] == "in"]
-    body = {
-        "object": "whatsapp_business_account",
-        "entry": [{"id": "1", "changes": [{"field": "messages", "value": {
-            "messaging_product": "whatsapp",
-            "metadata": {"display_phone_number": "15550783881", "phone_number_id": "106540352242922"},
-            "contacts": [{"profile": {"name": "Ada"}, "wa_id": wa_id}],
-            "messages": [inbound["payload"]],
-        }}]}],
-    }
-    raw = json.dumps(body).encode()
     for _ in range(2):
-        status, _ = http("POST", stack.webhook_url, raw, headers={"X-Hub-Signature-256": sign(raw, APP_SECRET)})
-        assert status == 200
+        assert post_signed(stack, webhook_from(wa_id, [inbound["payload"]])) == 200
     stack.customer_says(wa_id, "bye")  # a later message is answered: the duplicates were not
     replies = stack.wait_outbound(wa_id, 2)
     assert len(replies) == 2 and len([e for e in stack.tracker(wa_id)["events"] if e["event"] == "user"]) == 2
