@@ -85,7 +85,7 @@ class WhatsAppOutput(OutputChannel):
     async def _send(self, sender_id: str, message: Dict[str, Any]) -> None:
         channel = self.channel
         rendered = render(message)
-        for problem in rendered.problems or rendered.not_rendered:
+        for problem in rendered.problems:  # every part not sent is explained here
             logger.warning("Part of %s to %s not sent: %s", message.get("utter_action") or "a message", masked(sender_id), problem)
         if not rendered.messages:
             return

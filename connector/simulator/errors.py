@@ -46,10 +46,6 @@ CATALOGUE: Dict[int, tuple] = {
 }
 
 
-def title_of(code: int) -> str:
-    return CATALOGUE.get(code, ("Unknown error", "", 400))[0]
-
-
 def new_fbtrace_id() -> str:
     """Meta's trace ids are short random alphanumerics; tests only need them present and distinct."""
     alphabet = string.ascii_letters + string.digits + "_-"

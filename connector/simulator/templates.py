@@ -136,8 +136,5 @@ class TemplateRegistry:
     def get(self, name: str, language: str) -> Optional[Template]:
         return self._by_key.get((name, language))
 
-    def has_name(self, name: str) -> bool:
-        return any(n == name for n, _ in self._by_key)
-
     def all(self) -> List[Template]:
         return list(self._by_key.values())
