@@ -1,0 +1,116 @@
+"""The care-window state's interface: one backend per kind of tracker store, every call run in a
+worker thread so that a slow database never stalls Rasa's event loop."""
+
+import asyncio
+from abc import ABC, abstractmethod
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from typing import Any, Callable, List, Optional, TypeVar
+
+from connector.care_state.records import CustomerState, OutboundRecord
+
+T = TypeVar("T")
+
+
+class CareStateBackend(ABC):
+    """Synchronous and atomic: each method is one conditional write or one read, so two
+    instances (or threads) racing on one customer cannot both win a reservation."""
+
+    @abstractmethod
+    def create_schema(self) -> None:
+        """Create what is missing (at startup, never on a request path); raises if it cannot."""
+
+    @abstractmethod
+    def customer(self, sender_id: str) -> CustomerState: ...
+
+    @abstractmethod
+    def note_inbound(self, sender_id: str, timestamp: int, phone_number_id: Optional[str]) -> None:
+        """Raise the customer's last message time (never lower it) and remember the number."""
+
+    @abstractmethod
+    def close_window(self, sender_id: str, inbound_at: int) -> None:
+        """Meta says the window opened at `inbound_at` has closed."""
+
+    @abstractmethod
+    def set_opt_out_pending(self, sender_id: str, pending: bool) -> None: ...
+
+    @abstractmethod
+    def templates_reserved(self, sender_id: str, window_of: int) -> int: ...
+
+    @abstractmethod
+    def reserve_template(self, record: OutboundRecord, limit: int) -> bool:
+        """Take one of the `limit` template slots of `record.window_of` and store the record, in
+        one atomic step; False when every slot is taken."""
+
+    @abstractmethod
+    def release_template(self, record: OutboundRecord) -> None:
+        """Meta proved it did not take the template: its slot is free again."""
+
+    @abstractmethod
+    def add_outbound(self, record: OutboundRecord) -> None: ...
+
+    @abstractmethod
+    def update_outbound(
+        self, status: str, callback_id: Optional[str] = None, wamid: Optional[str] = None,
+        error_code: Optional[int] = None, reason: Optional[str] = None,
+    ) -> Optional[OutboundRecord]:
+        """Move a record's status forward (found by callback id, else by wamid) and set what is
+        given; returns the record if THIS call changed it, so exactly one caller acts on it."""
+
+    @abstractmethod
+    def outbound(self, callback_id: str) -> Optional[OutboundRecord]: ...
+
+    @abstractmethod
+    def recent_outbound(self, sender_id: str, limit: int) -> List[OutboundRecord]:
+        """The customer's latest records, newest first."""
+
+
+class CareState:
+    """The async face of a backend. Calls run on a small thread pool of their own, so a stalled
+    database holds up only these threads, never the webhook's acknowledgement."""
+
+    def __init__(self, backend: CareStateBackend, threads: int = 8) -> None:
+        self.backend = backend
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="care-state")
+
+    async def _run(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, partial(function, *args, **kwargs))
+
+    async def create_schema(self) -> None:
+        await self._run(self.backend.create_schema)
+
+    async def customer(self, sender_id: str) -> CustomerState:
+        return await self._run(self.backend.customer, sender_id)
+
+    async def note_inbound(self, sender_id: str, timestamp: int, phone_number_id: Optional[str]) -> None:
+        await self._run(self.backend.note_inbound, sender_id, timestamp, phone_number_id)
+
+    async def close_window(self, sender_id: str, inbound_at: int) -> None:
+        await self._run(self.backend.close_window, sender_id, inbound_at)
+
+    async def set_opt_out_pending(self, sender_id: str, pending: bool) -> None:
+        await self._run(self.backend.set_opt_out_pending, sender_id, pending)
+
+    async def templates_reserved(self, sender_id: str, window_of: int) -> int:
+        return await self._run(self.backend.templates_reserved, sender_id, window_of)
+
+    async def reserve_template(self, record: OutboundRecord, limit: int) -> bool:
+        return await self._run(self.backend.reserve_template, record, limit)
+
+    async def release_template(self, record: OutboundRecord) -> None:
+        await self._run(self.backend.release_template, record)
+
+    async def add_outbound(self, record: OutboundRecord) -> None:
+        await self._run(self.backend.add_outbound, record)
+
+    async def update_outbound(self, status: str, **fields: Any) -> Optional[OutboundRecord]:
+        return await self._run(self.backend.update_outbound, status, **fields)
+
+    async def outbound(self, callback_id: str) -> Optional[OutboundRecord]:
+        return await self._run(self.backend.outbound, callback_id)
+
+    async def recent_outbound(self, sender_id: str, limit: int = 50) -> List[OutboundRecord]:
+        return await self._run(self.backend.recent_outbound, sender_id, limit)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False)

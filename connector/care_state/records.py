@@ -1,0 +1,67 @@
+"""The typed records the care-window state keeps per customer and per outbound message."""
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional, Tuple
+
+# A status only moves forward: a late "delivered" never overwrites "read" (Meta does not order
+# its webhooks), and "failed" is final.
+STATUS_RANK = {"sending": 0, "accepted": 1, "unknown": 1, "suppressed": 5, "sent": 2, "delivered": 3,
+               "read": 4, "failed": 5}
+SENT_STATUSES = ("sent", "delivered", "read")
+
+
+@dataclass(frozen=True)
+class CustomerState:
+    """What every instance must agree on about one customer."""
+
+    sender_id: str
+    last_inbound_at: Optional[int] = None
+    """WhatsApp timestamp of the customer's latest message, as written when its webhook arrived."""
+    reply_number: Optional[str] = None
+    """The business number (phone_number_id) that customer last wrote to."""
+    closed_for_inbound: Optional[int] = None
+    """Meta said (131047) the window opened by the message at this timestamp is closed."""
+    opt_out_pending: bool = False
+    """The customer opted out and the tracker store does not hold it yet: counts as opted out."""
+
+
+@dataclass(frozen=True)
+class OutboundRecord:
+    """One WhatsApp message the channel decided about, keyed by the callback id it carries in
+    `biz_opaque_callback_data` (so a status ties back to it even when the send's answer was lost)."""
+
+    callback_id: str
+    sender_id: str
+    decision: str
+    """free_form, template or suppressed."""
+    window_of: int
+    """The customer's last message (WhatsApp timestamp, 0 for never) when this was decided."""
+    at: float
+    """The channel's clock (the simulator's, in tests) when decided."""
+    created_at: float
+    """The system clock, for ordering a customer's records across instances."""
+    response: Optional[str] = None
+    template: Optional[str] = None
+    rendered_with: Mapping[str, Any] = field(default_factory=dict)
+    """The bot message's own keys, so that a fallback can be rendered from it later."""
+    choices: Tuple[Tuple[str, str], ...] = ()
+    """Numbered options this message offered as text ("1" -> payload)."""
+    wamid: Optional[str] = None
+    status: str = "sending"
+    error_code: Optional[int] = None
+    reason: Optional[str] = None
+    fallback_of: Optional[str] = None
+    """The callback id of the message this one stands in for (a 131047 fallback)."""
+
+    @property
+    def status_rank(self) -> int:
+        return STATUS_RANK[self.status]
+
+
+def dump_json(value: Any) -> str:
+    return json.dumps(value, default=str, separators=(",", ":"))
+
+
+def choices_from_json(raw: Optional[str]) -> Tuple[Tuple[str, str], ...]:
+    return tuple((str(n), str(p)) for n, p in json.loads(raw)) if raw else ()

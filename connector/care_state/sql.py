@@ -1,0 +1,222 @@
+"""The state in the tracker store's own SQL database (SQLite, PostgreSQL, MySQL...), in three
+small tables of its own, reached through the tracker store's engine.
+
+A template reservation is a conditional INSERT: the primary key (sender_id, window_of, slot)
+lets exactly one writer take each of the window's slots, on any number of instances, whatever
+Rasa's lock store does.
+"""
+
+import json
+import logging
+from typing import Any, Dict, List, Optional
+
+import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.schema import CreateIndex, CreateTable
+
+from connector.care_state.base import CareStateBackend
+from connector.care_state.records import (
+    STATUS_RANK, CustomerState, OutboundRecord, choices_from_json, dump_json,
+)
+
+logger = logging.getLogger(__name__)
+
+metadata = sa.MetaData()
+customers = sa.Table(
+    "whatsapp_customers", metadata,
+    sa.Column("sender_id", sa.String(255), primary_key=True),
+    sa.Column("last_inbound_at", sa.BigInteger),
+    sa.Column("reply_number", sa.String(64)),
+    sa.Column("closed_for_inbound", sa.BigInteger),
+    sa.Column("opt_out_pending", sa.Boolean, nullable=False, default=False),
+)
+reservations = sa.Table(
+    "whatsapp_template_reservations", metadata,
+    sa.Column("sender_id", sa.String(255), primary_key=True),
+    sa.Column("window_of", sa.BigInteger, primary_key=True),
+    sa.Column("slot", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("callback_id", sa.String(64), nullable=False, unique=True),
+)
+outbound = sa.Table(
+    "whatsapp_outbound", metadata,
+    sa.Column("callback_id", sa.String(64), primary_key=True),
+    sa.Column("sender_id", sa.String(255), nullable=False),
+    sa.Column("decision", sa.String(16), nullable=False),
+    sa.Column("window_of", sa.BigInteger, nullable=False),
+    sa.Column("at", sa.Float(precision=53), nullable=False),
+    sa.Column("created_at", sa.Float(precision=53), nullable=False),
+    sa.Column("response", sa.String(255)),
+    sa.Column("template", sa.String(512)),
+    sa.Column("rendered_with", sa.Text),
+    sa.Column("choices", sa.Text),
+    sa.Column("wamid", sa.String(255)),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("status_rank", sa.Integer, nullable=False),
+    sa.Column("error_code", sa.Integer),
+    sa.Column("reason", sa.Text),
+    sa.Column("fallback_of", sa.String(64)),
+    sa.Index("ix_whatsapp_outbound_sender", "sender_id", "created_at"),
+    sa.Index("ix_whatsapp_outbound_wamid", "wamid"),
+)
+
+# Rasa indexes `events` by sender_id alone: PostgreSQL then reads a customer's rows newest-first
+# by scanning every row written since (other customers' too). These keep the window reads flat.
+EVENT_INDEXES = {
+    "ix_events_whatsapp_window": ("sender_id", "type_name", "id"),
+    "ix_events_whatsapp_slots": ("sender_id", "type_name", "action_name", "id"),
+}
+
+
+class SchemaError(RuntimeError):
+    """The state's tables are missing and could not be created."""
+
+
+def ddl(engine: sa.engine.Engine) -> str:
+    """The statements to create the state's tables, in this database's dialect."""
+    statements = [str(CreateTable(table).compile(engine)).strip() for table in metadata.sorted_tables]
+    statements += [str(CreateIndex(index).compile(engine)).strip() for index in outbound.indexes]
+    return ";\n".join(statements) + ";"
+
+
+class SqlBackend(CareStateBackend):
+    def __init__(self, engine: sa.engine.Engine, events_table: Optional[sa.Table] = None) -> None:
+        self.engine = engine
+        self.events_table = events_table
+
+    def create_schema(self) -> None:
+        try:
+            metadata.create_all(self.engine, checkfirst=True)
+        except sa.exc.SQLAlchemyError as error:
+            raise SchemaError(
+                f"The WhatsApp care-window tables could not be created ({type(error).__name__}: {error}). "
+                f"Create them once with a user that may (README, 'Care-window state'):\n{ddl(self.engine)}"
+            ) from error
+        if self.events_table is not None:
+            self._index_events()
+
+    def _index_events(self) -> None:
+        """Only speed: without the rights to create them the reads are correct, just slower."""
+        existing = {index["name"] for index in sa.inspect(self.engine).get_indexes(self.events_table.name)}
+        for name, columns in EVENT_INDEXES.items():
+            if name in existing:
+                continue
+            index = sa.Index(name, *(self.events_table.c[column] for column in columns))
+            try:
+                index.create(self.engine)
+            except sa.exc.SQLAlchemyError as error:
+                logger.warning("Could not create index %s on %s (window reads get slower with history): %s",
+                               name, self.events_table.name, error)
+
+    def customer(self, sender_id: str) -> CustomerState:
+        with self.engine.connect() as connection:
+            row = connection.execute(sa.select(customers).where(customers.c.sender_id == sender_id)).first()
+        if row is None:
+            return CustomerState(sender_id)
+        return CustomerState(sender_id, row.last_inbound_at, row.reply_number, row.closed_for_inbound,
+                             bool(row.opt_out_pending))
+
+    def _upsert(self, sender_id: str, values: Dict[str, Any], condition: Any = None) -> None:
+        """UPDATE where the condition holds; INSERT if the customer has no row yet."""
+        where = customers.c.sender_id == sender_id
+        statement = sa.update(customers).where(where if condition is None else sa.and_(where, condition))
+        for _ in range(2):
+            with self.engine.begin() as connection:
+                if connection.execute(statement.values(**values)).rowcount:
+                    return
+                if connection.execute(sa.select(customers.c.sender_id).where(where)).first():
+                    return  # the row exists and the condition says no
+            try:
+                with self.engine.begin() as connection:
+                    connection.execute(sa.insert(customers).values(sender_id=sender_id, opt_out_pending=False, **values))
+                return
+            except IntegrityError:  # another writer inserted it first: update theirs
+                continue
+
+    def note_inbound(self, sender_id: str, timestamp: int, phone_number_id: Optional[str]) -> None:
+        older = sa.or_(customers.c.last_inbound_at.is_(None), customers.c.last_inbound_at < timestamp)
+        self._upsert(sender_id, {"last_inbound_at": timestamp, "reply_number": phone_number_id}, older)
+
+    def close_window(self, sender_id: str, inbound_at: int) -> None:
+        older = sa.or_(customers.c.closed_for_inbound.is_(None), customers.c.closed_for_inbound < inbound_at)
+        self._upsert(sender_id, {"closed_for_inbound": inbound_at}, older)
+
+    def set_opt_out_pending(self, sender_id: str, pending: bool) -> None:
+        self._upsert(sender_id, {"opt_out_pending": pending})
+
+    def templates_reserved(self, sender_id: str, window_of: int) -> int:
+        query = sa.select(sa.func.count()).select_from(reservations).where(
+            reservations.c.sender_id == sender_id, reservations.c.window_of == window_of)
+        with self.engine.connect() as connection:
+            return int(connection.execute(query).scalar() or 0)
+
+    def reserve_template(self, record: OutboundRecord, limit: int) -> bool:
+        for slot in range(limit):
+            try:
+                with self.engine.begin() as connection:
+                    connection.execute(sa.insert(reservations).values(
+                        sender_id=record.sender_id, window_of=record.window_of, slot=slot,
+                        callback_id=record.callback_id))
+                    connection.execute(sa.insert(outbound).values(**_row(record)))
+                return True
+            except IntegrityError:  # that slot is taken: try the next
+                continue
+        return False
+
+    def release_template(self, record: OutboundRecord) -> None:
+        with self.engine.begin() as connection:
+            connection.execute(sa.delete(reservations).where(reservations.c.callback_id == record.callback_id))
+
+    def add_outbound(self, record: OutboundRecord) -> None:
+        with self.engine.begin() as connection:
+            connection.execute(sa.insert(outbound).values(**_row(record)))
+
+    def update_outbound(self, status, callback_id=None, wamid=None, error_code=None, reason=None):
+        if callback_id is None and wamid is None:
+            return None
+        rank = STATUS_RANK[status]
+        found = outbound.c.callback_id == callback_id if callback_id else outbound.c.wamid == wamid
+        values: Dict[str, Any] = {"status": status, "status_rank": rank}
+        if wamid is not None:
+            values["wamid"] = sa.func.coalesce(outbound.c.wamid, wamid)
+        if error_code is not None:
+            values["error_code"] = error_code
+        if reason is not None:
+            values["reason"] = reason
+        with self.engine.begin() as connection:
+            changed = connection.execute(
+                sa.update(outbound).where(found, outbound.c.status_rank < rank).values(**values)).rowcount
+            row = connection.execute(sa.select(outbound).where(found)).first() if changed else None
+        return _record(row) if row is not None else None
+
+    def outbound(self, callback_id: str) -> Optional[OutboundRecord]:
+        with self.engine.connect() as connection:
+            row = connection.execute(sa.select(outbound).where(outbound.c.callback_id == callback_id)).first()
+        return _record(row) if row is not None else None
+
+    def recent_outbound(self, sender_id: str, limit: int) -> List[OutboundRecord]:
+        query = (sa.select(outbound).where(outbound.c.sender_id == sender_id)
+                 .order_by(outbound.c.created_at.desc()).limit(limit))
+        with self.engine.connect() as connection:
+            return [_record(row) for row in connection.execute(query)]
+
+
+def _row(record: OutboundRecord) -> Dict[str, Any]:
+    return {
+        "callback_id": record.callback_id, "sender_id": record.sender_id, "decision": record.decision,
+        "window_of": record.window_of, "at": record.at, "created_at": record.created_at,
+        "response": record.response, "template": record.template,
+        "rendered_with": dump_json(dict(record.rendered_with)),
+        "choices": dump_json(list(record.choices)) if record.choices else None,
+        "wamid": record.wamid, "status": record.status, "status_rank": record.status_rank,
+        "error_code": record.error_code, "reason": record.reason, "fallback_of": record.fallback_of,
+    }
+
+
+def _record(row: Any) -> OutboundRecord:
+    return OutboundRecord(
+        callback_id=row.callback_id, sender_id=row.sender_id, decision=row.decision,
+        window_of=row.window_of, at=row.at, created_at=row.created_at, response=row.response,
+        template=row.template, rendered_with=json.loads(row.rendered_with) if row.rendered_with else {},
+        choices=choices_from_json(row.choices), wamid=row.wamid, status=row.status,
+        error_code=row.error_code, reason=row.reason, fallback_of=row.fallback_of,
+    )

@@ -1,0 +1,170 @@
+"""One suite for every care-window state backend, each built from the real tracker store it
+lives with: in-memory, SQLite, PostgreSQL and Redis (the last two need the services running)."""
+
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import sqlalchemy as sa
+
+from rasa.core.tracker_store import InMemoryTrackerStore, RedisTrackerStore, SQLTrackerStore
+from rasa.shared.core.domain import Domain
+
+from connector.care_state import CareState, OutboundRecord, UnsupportedTrackerStore, backend_for
+from connector.care_state.sql import SchemaError, SqlBackend
+from tests.services import postgres_settings, redis_settings
+
+KINDS = ["memory", "sqlite", pytest.param("postgresql", marks=pytest.mark.services),
+         pytest.param("redis", marks=pytest.mark.services)]
+
+
+def tracker_store(kind, tmp_path):
+    domain = Domain.empty()
+    if kind == "memory":
+        return InMemoryTrackerStore(domain)
+    if kind == "sqlite":
+        return SQLTrackerStore(domain, dialect="sqlite", db=str(tmp_path / "state.db"))
+    if kind == "postgresql":
+        return SQLTrackerStore(domain, **postgres_settings())
+    return RedisTrackerStore(domain, **redis_settings())
+
+
+@pytest.fixture(params=KINDS)
+def backend(request, tmp_path):
+    backend = backend_for(tracker_store(request.param, tmp_path))
+    backend.create_schema()
+    backend.create_schema()  # a second start finds everything in place
+    return backend
+
+
+@pytest.fixture
+def sender():
+    return f"state-{uuid.uuid4().hex[:12]}"
+
+
+def record(sender, window_of=1_700_000_000, **changes):
+    values = dict(callback_id=uuid.uuid4().hex, sender_id=sender, decision="template", window_of=window_of,
+                  at=time.time(), created_at=time.time(), response="utter_x", template="t",
+                  rendered_with={"order_id": "10042"})
+    values.update(changes)
+    return OutboundRecord(**values)
+
+
+def test_last_inbound_only_moves_forward_and_remembers_the_number(backend, sender):
+    assert backend.customer(sender).last_inbound_at is None
+    backend.note_inbound(sender, 1_700_000_100, "111")
+    backend.note_inbound(sender, 1_700_000_050, "222")  # a late redelivery of an older message
+    state = backend.customer(sender)
+    assert (state.last_inbound_at, state.reply_number) == (1_700_000_100, "111")
+    backend.note_inbound(sender, 1_700_000_200, "222")
+    assert backend.customer(sender).reply_number == "222"
+
+
+def test_meta_closing_a_window_and_a_pending_opt_out(backend, sender):
+    backend.close_window(sender, 1_700_000_100)
+    backend.close_window(sender, 1_700_000_000)
+    backend.set_opt_out_pending(sender, True)
+    state = backend.customer(sender)
+    assert state.closed_for_inbound == 1_700_000_100 and state.opt_out_pending is True
+    backend.set_opt_out_pending(sender, False)
+    assert backend.customer(sender).opt_out_pending is False
+
+
+def test_reservations_are_per_window_and_released_when_meta_refused(backend, sender):
+    first = record(sender)
+    assert backend.reserve_template(first, limit=1)
+    assert not backend.reserve_template(record(sender), limit=1)
+    assert backend.templates_reserved(sender, first.window_of) == 1
+    assert backend.reserve_template(record(sender, window_of=first.window_of + 1), limit=1)
+    backend.release_template(first)
+    assert backend.templates_reserved(sender, first.window_of) == 0
+    assert backend.reserve_template(record(sender), limit=1)
+    assert backend.outbound(first.callback_id).rendered_with == {"order_id": "10042"}
+
+
+@pytest.mark.parametrize("limit", [1, 3])
+def test_concurrent_reservations_from_threads_never_exceed_the_limit(backend, sender, limit):
+    start = threading.Barrier(16)
+
+    def reserve(_):
+        start.wait()
+        return backend.reserve_template(record(sender), limit=limit)
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        won = list(pool.map(reserve, range(16)))
+    assert won.count(True) == limit
+    assert backend.templates_reserved(sender, 1_700_000_000) == limit
+
+
+def test_a_status_moves_forward_once_found_by_callback_id_or_wamid(backend, sender):
+    sent = record(sender, decision="free_form", template=None, choices=(("1", "/a"), ("2", "/b")))
+    backend.add_outbound(sent)
+    accepted = backend.update_outbound("accepted", callback_id=sent.callback_id, wamid="wamid.X1")
+    assert accepted.wamid == "wamid.X1" and accepted.status == "accepted"
+    assert backend.update_outbound("read", wamid="wamid.X1").status == "read"
+    assert backend.update_outbound("delivered", wamid="wamid.X1") is None  # late: never backwards
+    assert backend.update_outbound("sent", wamid="wamid.unknown") is None
+    stored = backend.outbound(sent.callback_id)
+    assert stored.status == "read" and stored.choices == (("1", "/a"), ("2", "/b"))
+
+
+def test_a_lost_answer_is_resolved_by_the_callback_id_and_only_one_caller_acts(backend, sender):
+    unknown = record(sender)
+    assert backend.reserve_template(unknown, limit=1)
+    backend.update_outbound("unknown", callback_id=unknown.callback_id)
+    start = threading.Barrier(8)
+
+    def fail(_):
+        start.wait()
+        return backend.update_outbound("failed", callback_id=unknown.callback_id, wamid="wamid.F",
+                                       error_code=131047, reason="Re-engagement message")
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        results = [r for r in pool.map(fail, range(8)) if r is not None]
+    assert len(results) == 1
+    assert (results[0].status, results[0].wamid, results[0].error_code) == ("failed", "wamid.F", 131047)
+
+
+def test_recent_records_newest_first(backend, sender):
+    records = [record(sender, decision="free_form", created_at=1000.0 + n) for n in range(5)]
+    for r in records:
+        backend.add_outbound(r)
+    assert [r.callback_id for r in backend.recent_outbound(sender, 3)] == [r.callback_id for r in records[::-1][:3]]
+
+
+async def test_the_async_face_runs_calls_off_the_event_loop(tmp_path, sender):
+    threads = []
+
+    class Spy(SqlBackend):
+        def customer(self, sender_id):
+            threads.append(threading.current_thread().name)
+            return super().customer(sender_id)
+
+    store = tracker_store("sqlite", tmp_path)
+    state = CareState(Spy(store.engine))
+    await state.create_schema()
+    await state.note_inbound(sender, 1_700_000_000, "111")
+    assert (await state.customer(sender)).last_inbound_at == 1_700_000_000
+    assert threads and all(name.startswith("care-state") for name in threads)
+    state.close()
+
+
+def test_tables_that_cannot_be_created_fail_with_the_ddl(tmp_path):
+    path = tmp_path / "readonly.db"
+    sa.create_engine(f"sqlite:///{path}").connect().close()
+    engine = sa.create_engine(f"sqlite:///file:{path}?mode=ro&uri=true")  # a user without DDL rights
+    with pytest.raises(SchemaError) as raised:
+        SqlBackend(engine).create_schema()
+    message = str(raised.value)
+    assert "CREATE TABLE whatsapp_customers" in message and "CREATE TABLE whatsapp_outbound" in message
+    assert "README" in message
+
+
+def test_another_tracker_store_is_refused_naming_the_setting():
+    class MongoLike:
+        pass
+
+    with pytest.raises(UnsupportedTrackerStore, match="tracker_store: type:"):
+        backend_for(MongoLike())
