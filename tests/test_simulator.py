@@ -8,6 +8,7 @@ import json
 import time
 from typing import Any, Awaitable, Callable, Dict, List, Optional
 
+import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
@@ -89,11 +90,12 @@ async def make_sim(bot):
     clients: List[TestClient] = []
 
     async def make(**overrides: Any) -> TestClient:
+        server_options = overrides.pop("server_options", {})  # aiohttp server knobs, not Settings
         settings = Settings(
             access_token=TOKEN, phone_number_id=PNID, app_secret=SECRET, display_phone_number=DISPLAY,
             bot_webhook_url=overrides.pop("bot_webhook_url", bot.url), **overrides,
         )
-        client = TestClient(TestServer(create_app(settings), host="127.0.0.1"))
+        client = TestClient(TestServer(create_app(settings), host="127.0.0.1", **server_options))
         await client.start_server()
         clients.append(client)
         return client
@@ -495,14 +497,76 @@ async def test_faults_queue(sim, bot):
     assert (status, body["error"]["code"]) == (429, 130429)
     status, body = await send(sim, text("2"))
     assert (status, body["error"]["code"]) == (500, 2)
-    status, body = await send(sim, text("3"))
+    status, body = await send(sim, {**text("3"), "biz_opaque_callback_data": "ticket-3"})
     assert status == 200
     await bot.wait_for(lambda: len(bot.statuses()) == 1)
     assert bot.statuses()[0]["status"] == "failed" and bot.statuses()[0]["errors"][0]["code"] == 131026
+    assert bot.statuses()[0]["biz_opaque_callback_data"] == "ticket-3"  # echoed on failures too
     assert (await send(sim, text("4")))[0] == 200
     assert (await (await sim.get("/_sim/faults")).json())["responses"] == []
     s = await stats(sim)
     assert (s["faults_served"], s["rejected"], s["accepted"]) == (3, {"130429": 1, "2": 1}, 2)
+
+
+async def send_raw(sim: TestClient, payload: Dict[str, Any], **kwargs: Any) -> aiohttp.ClientResponse:
+    return await sim.post(f"/v23.0/{PNID}/messages", json=payload, headers={"Authorization": f"Bearer {TOKEN}"}, **kwargs)
+
+
+async def assert_accepted_despite_lost_answer(sim: TestClient, bot: Bot, opaque: str, body: str) -> str:
+    """The send whose answer was lost is in the conversation, counted, and its statuses (echoing
+    `biz_opaque_callback_data`) reach the bot. Returns its wamid."""
+    conv = await (await sim.get(f"/_sim/conversations/{CUSTOMER}/wait", params={"outbound": "1", "timeout": "5"})).json()
+    (out,) = [m for m in conv["messages"] if m["direction"] == "out"]
+    assert out["text"] == body and out["payload"]["biz_opaque_callback_data"] == opaque
+    await bot.wait_for(lambda: len(bot.statuses()) == 3)
+    assert [s["status"] for s in bot.statuses()] == ["sent", "delivered", "read"]
+    assert all(s["id"] == out["wamid"] and s["biz_opaque_callback_data"] == opaque for s in bot.statuses())
+    assert all(p["valid"] for p in bot.posts)
+    s = await stats(sim)
+    assert (s["accepted"], s["faults_served"], s["rejected"], s["statuses_sent"]) == (1, 1, {}, 3)
+    return out["wamid"]
+
+
+@pytest.mark.parametrize("handler_cancellation", [False, True])
+async def test_hold_accepts_but_the_answer_comes_after_the_client_gave_up(make_sim, bot, handler_cancellation):
+    # with handler_cancellation aiohttp cancels the held handler when the client leaves: nothing is lost
+    sim = await make_sim(server_options={"handler_cancellation": handler_cancellation})
+    await customer_says(sim)
+    assert (await sim.put("/_sim/faults", json={"responses": [{"hold": 30}]})).status == 200
+    with pytest.raises(asyncio.TimeoutError):
+        await send_raw(sim, {**text("your order shipped"), "biz_opaque_callback_data": "order-42"},
+                       timeout=aiohttp.ClientTimeout(total=0.3))
+    await assert_accepted_despite_lost_answer(sim, bot, "order-42", "your order shipped")
+
+
+@pytest.mark.parametrize("hold", [0, 0.2])
+async def test_hold_and_drop_closes_the_connection_without_an_answer(sim, bot, hold):
+    await customer_says(sim)
+    assert (await sim.put("/_sim/faults", json={"responses": [{"hold": hold, "drop": True}]})).status == 200
+    with pytest.raises(aiohttp.ServerDisconnectedError):
+        await send_raw(sim, {**text("your order shipped"), "biz_opaque_callback_data": "order-43"},
+                       timeout=aiohttp.ClientTimeout(total=5))
+    await assert_accepted_despite_lost_answer(sim, bot, "order-43", "your order shipped")
+
+
+async def test_after_a_held_or_dropped_answer_the_next_send_answers_normally(sim, bot):
+    await customer_says(sim)
+    await sim.put("/_sim/faults", json={"responses": [{"hold": 0, "drop": True}, {"hold": 0.3}]})
+    with pytest.raises(aiohttp.ServerDisconnectedError):
+        await send_raw(sim, text("dropped"))
+    started = time.monotonic()
+    status, body = await send(sim, text("held"))  # a patient client gets the real answer, late
+    assert status == 200 and time.monotonic() - started >= 0.3
+    held = body["messages"][0]["id"]
+    status, body = await send(sim, text("normal"))
+    assert status == 200 and body["contacts"] == [{"input": CUSTOMER, "wa_id": CUSTOMER}]
+    out = [m for m in (await conversation(sim))["messages"] if m["direction"] == "out"]
+    assert [m["text"] for m in out] == ["dropped", "held", "normal"]
+    assert [m["wamid"] for m in out][1:] == [held, body["messages"][0]["id"]]
+    assert (await (await sim.get("/_sim/faults")).json())["responses"] == []
+    await bot.wait_for(lambda: len(bot.statuses()) == 9)
+    s = await stats(sim)
+    assert (s["accepted"], s["faults_served"]) == (3, 2)
 
 
 # --- waiting, clock, reset -------------------------------------------------------------------
@@ -577,7 +641,11 @@ async def test_control_api_rejects_bad_input_without_side_effects(sim, bot):
     assert (await sim.post(f"/_sim/customers/{CUSTOMER}/messages", data="[1]")).status == 400
     assert (await sim.post("/_sim/batch", json={"messages": [{"text": "no wa_id"}]})).status == 400
     assert (await sim.put("/_sim/faults", json={"responses": [{"status": "soon"}]})).status == 400
+    for bad in ({"hold": -1}, {"hold": "long"}, {"hold": True}, {"hold": 1, "drop": "yes"}):
+        resp = await sim.put("/_sim/faults", json={"responses": [bad]})
+        assert resp.status == 400 and '"drop": true' in (await resp.json())["error"]
     assert (await sim.post("/_sim/clock", json={"advance": "a lot"})).status == 400
     assert (await sim.post("/_sim/config", json={"window_errors": "never"})).status == 400
     assert (await sim.get(f"/_sim/conversations/{CUSTOMER}")).status == 404
+    assert (await (await sim.get("/_sim/faults")).json())["responses"] == []
     assert bot.posts == []

@@ -5,6 +5,7 @@ queue faults. Tests and the CLI drive the simulator only through these routes.
 from __future__ import annotations
 
 import json
+import math
 import secrets
 from typing import Any, Dict, List, Tuple
 
@@ -197,16 +198,32 @@ async def get_faults(request: web.Request) -> web.Response:
     return web.json_response({"responses": list(request.app[SIM].state.faults)})
 
 
+FAULTS_HELP = (
+    'expected {"responses": [{"status": 429, "code": 130429}, {"status": 500}, {"async_code": 131026}, '
+    '{"delay": 2}, {"hold": 5}, {"hold": 0, "drop": true}]}: status, code, async_code numbers; '
+    "delay (before handling) and hold (after accepting, before answering; finite, >= 0) in seconds; "
+    "drop true closes the connection without an answer once the hold is over"
+)
+
+
+def valid_fault(fault: Any) -> bool:
+    if not isinstance(fault, dict):
+        return False
+    if not all(isinstance(fault.get(k, 0), (int, float)) for k in ("status", "code", "async_code", "delay")):
+        return False
+    hold = fault.get("hold", 0)
+    if isinstance(hold, bool) or not isinstance(hold, (int, float)) or not 0 <= hold < math.inf:
+        return False
+    return isinstance(fault.get("drop", False), bool)
+
+
 async def put_faults(request: web.Request) -> web.Response:
     """Replace the queue of canned answers for the next message sends (mark-read is exempt)."""
     state = request.app[SIM].state
     body = await read_json(request)
     responses = body.get("responses") if isinstance(body, dict) else None
-    numeric = ("status", "code", "async_code", "delay")
-    if not isinstance(responses, list) or not all(
-        isinstance(r, dict) and all(isinstance(r.get(k, 0), (int, float)) for k in numeric) for r in responses
-    ):
-        return problem(400, 'expected {"responses": [{"status": 429, "code": 130429}, {"status": 500}, {"async_code": 131026}, {"delay": 2}]}')
+    if not isinstance(responses, list) or not all(valid_fault(r) for r in responses):
+        return problem(400, FAULTS_HELP)
     state.faults.clear()
     state.faults.extend(responses)
     return web.json_response({"responses": list(state.faults)})

@@ -36,6 +36,27 @@ def api_version(version: str) -> float:
         return 0.0
 
 
+class DropConnection(web.HTTPException):
+    """A `{"hold": s, "drop": true}` fault: the send was accepted (recorded, counted, statuses
+    queued) and its answer is now lost on the way: the connection closes without any HTTP answer.
+
+    An `HTTPException`, so it passes the route's `GraphError` handling and aiohttp "answers" it:
+    `prepare` closes the transport and raises `ConnectionResetError`, which aiohttp (3.9) treats
+    as a premature client disconnection: nothing is written, nothing is logged as an error.
+    """
+
+    status_code = 200
+
+    def __init__(self, wamid: str):
+        super().__init__(reason="Dropped")
+        self.wamid = wamid
+
+    async def prepare(self, request: web.BaseRequest) -> None:
+        if request.transport is not None:
+            request.transport.close()
+        raise ConnectionResetError(f"simulated lost answer: {self.wamid} was accepted, the connection is dropped")
+
+
 def normalise_recipient(value: str) -> str:
     """Meta accepts `+1 (555) 000-1234` and answers with the digits; BSUIDs are kept as given."""
     if BSUID.match(value):
@@ -52,6 +73,7 @@ class Simulator:
         self.registry = registry
         self.state = state or SimState(settings)
         self.delivery = WebhookDelivery(settings, self.state)
+        self._closing = asyncio.Event()  # ends held answers early when the app shuts down
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -59,6 +81,7 @@ class Simulator:
         await self.delivery.start()
 
     async def close(self) -> None:
+        self._closing.set()
         await self.delivery.close()
 
     async def reset(self) -> None:
@@ -97,7 +120,12 @@ class Simulator:
     # --- Cloud API: sending ----------------------------------------------------------------
 
     async def send(self, version: str, body: Any) -> Dict[str, Any]:
-        """`POST /{version}/{phone_number_id}/messages` after auth; raises `GraphError`."""
+        """`POST /{version}/{phone_number_id}/messages` after auth; raises `GraphError`.
+
+        A queued fault is applied around acceptance: `delay` sleeps before anything, `status`/`code`
+        rejects, `async_code` accepts and fails later; `hold` waits after the message is fully
+        accepted and `drop` then raises `DropConnection` instead of answering.
+        """
         if is_mark_read(body):
             return self.mark_read(body)
         fault = self.state.faults.popleft() if self.state.faults else None
@@ -136,7 +164,24 @@ class Simulator:
             contact["user_id"] = to
         else:
             contact["wa_id"] = to
-        return {"messaging_product": "whatsapp", "contacts": [contact], "messages": [{"id": wamid}]}
+        result = {"messaging_product": "whatsapp", "contacts": [contact], "messages": [{"id": wamid}]}
+        if fault is not None and (fault.get("hold") or fault.get("drop")):
+            # "Meta accepted it, but the answer never arrived": everything above is done (recorded,
+            # counted, statuses queued on the delivery worker, which does not depend on this
+            # request), so a client that gives up, or aiohttp cancelling this handler, loses nothing.
+            await self._hold(float(fault.get("hold") or 0))
+            if fault.get("drop"):
+                raise DropConnection(wamid)
+        return result
+
+    async def _hold(self, seconds: float) -> None:
+        """Wait `seconds` before answering an accepted send, or less if the app shuts down."""
+        if seconds <= 0:
+            return
+        try:
+            await asyncio.wait_for(self._closing.wait(), seconds)
+        except asyncio.TimeoutError:
+            pass
 
     def mark_read(self, body: Dict[str, Any]) -> Dict[str, Any]:
         if body.get("messaging_product") != "whatsapp":
@@ -303,7 +348,7 @@ SIM = web.AppKey("simulator", Simulator)
 
 
 def fault_error(fault: Dict[str, Any]) -> Optional[GraphError]:
-    """A queued fault as the error to answer, or None when it only delays / fails later."""
+    """A queued fault as the error to answer, or None when it only delays, holds, drops or fails later."""
     status = fault.get("status")
     code = fault.get("code")
     if status is None and code is None:
