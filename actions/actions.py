@@ -273,7 +273,7 @@ class ActionWhatsAppWindow(Action):
         domain: DomainDict,
     ) -> List[EventType]:
         from connector.window import CareWindowPolicy, WindowFacts
-        from connector.history import inbound_timestamp
+        from connector.tracker_reads import inbound_timestamp
 
         view = await _fetch_window_view(tracker.sender_id)
         in_tracker = [inbound_timestamp(e) for e in tracker.events if e.get("event") == "user"]
@@ -281,7 +281,7 @@ class ActionWhatsAppWindow(Action):
         now = view.get("now") or datetime.now().timestamp()
         facts = WindowFacts(
             last_inbound_at=max(candidates) if candidates else None,
-            closed_at=view.get("closed_by_meta_at"),
+            closed_for_inbound=view.get("closed_by_meta_for"),
         )
         policy = CareWindowPolicy(margin_seconds=view.get("margin_seconds", 60.0))
         is_open = facts.is_open(now, policy)

@@ -4,26 +4,25 @@ the Cloud API client."""
 import asyncio
 import json
 import logging
-from collections import OrderedDict
-from dataclasses import replace
-from typing import Any, Awaitable, Callable, Dict, Optional, Set, Text, Tuple
+from typing import Any, Awaitable, Callable, Dict, Optional, Set, Text
 
 from sanic import Blueprint, Sanic, response
 from sanic.request import Request
 from sanic.response import HTTPResponse
 
 from rasa.core.channels.channel import InputChannel, OutputChannel, UserMessage
-from rasa.shared.core.events import SlotSet
 
+from connector.care_state import CareState, backend_for
 from connector.client import CloudApiClient
 from connector.clock import SimulatorClock, SystemClock
 from connector.config import ChannelConfig
-from connector.decisions import DecisionLog
+from connector.decisions import DecisionLog, masked, outcome
 from connector.dedup import Deduplicator, dedup_key
-from connector.errors import GraphError, ReEngagementRequired
-from connector.history import CareWindowHistory
+from connector.errors import GraphError
 from connector.inbound import rasa_metadata, rasa_text
+from connector.opt_out import OptOuts
 from connector.ordering import PerSenderQueue
+from connector.outbound import OutboundPath, Stores
 from connector.pacing import Pacer
 from connector.payloads import (
     CallEvent,
@@ -35,23 +34,17 @@ from connector.payloads import (
     Webhook,
     parse_webhook,
 )
-from connector.render import numbered_choice, render
+from connector.render import looks_like_a_choice
 from connector.signature import is_valid, same_secret
-from connector.window import Decision, Outbound, SendFreeForm, SendTemplate, Suppress, WindowFacts, decide
 
 logger = logging.getLogger(__name__)
 
 CHANNEL_NAME = "whatsapp"
 
 
-def masked(wa_id: Optional[str]) -> str:
-    """Enough of a customer's id to follow a conversation in the logs, not the phone number."""
-    return f"…{wa_id[-4:]}" if wa_id else "?"
-
-
 class WhatsAppOutput(OutputChannel):
-    """Sends Rasa's bot messages to one customer, each decided against the care window at send
-    time (a reminder reuses this object hours after it was made).
+    """Sends Rasa's bot messages to one customer through the outbound path, each decided against
+    the care window at send time (a reminder reuses this object hours after it was made).
 
     `send_response` is the single choke point and never raises: an exception there would abort
     Rasa's turn before the tracker is saved.
@@ -75,79 +68,13 @@ class WhatsAppOutput(OutputChannel):
 
     async def send_response(self, recipient_id: Text, message: Dict[Text, Any]) -> None:
         try:
-            await self._send(recipient_id, dict(message))
+            await self.channel.outbound.deliver(
+                recipient_id, dict(message), self.in_flight_inbound_at, self.phone_number_id)
         except Exception:
             logger.exception("Sending to %s failed", masked(recipient_id))
 
     async def send_text_message(self, recipient_id: Text, text: Text, **kwargs: Any) -> None:
         await self.send_response(recipient_id, {"text": text})
-
-    async def _send(self, sender_id: str, message: Dict[str, Any]) -> None:
-        channel = self.channel
-        rendered = render(message)
-        for problem in rendered.problems:  # every part not sent is explained here
-            logger.warning("Part of %s to %s not sent: %s", message.get("utter_action") or "a message", masked(sender_id), problem)
-        if not rendered.messages:
-            return
-        custom = message.get("custom")
-        outbound = Outbound(
-            response=message.get("utter_action"),
-            template=custom.get("template") if isinstance(custom, dict) and custom.get("type") == "template" else None,
-        )
-        decision, facts, now = await self._decide(sender_id, outbound, message)
-        number = self.phone_number_id or channel.history.reply_number(sender_id)
-        if isinstance(decision, SendFreeForm):
-            try:
-                for whatsapp_message in rendered.messages:
-                    wamid = await channel.client.send_message(sender_id, whatsapp_message, phone_number_id=number)
-                    channel.decisions.add(sender_id, _record("free_form", now, facts, outbound, wamid=wamid))
-                channel.remember_choices(sender_id, rendered.numbered_choices)
-                return
-            except ReEngagementRequired:
-                # Meta disagrees that the window is open: believe Meta, then fall back.
-                await channel.record(sender_id, _record("closed", now, facts, outbound, code=131047))
-                decision, facts, now = await self._decide(sender_id, outbound, message)
-            except GraphError as error:
-                await channel.record(sender_id, _record("failed", now, facts, outbound, code=error.code, reason=error.message))
-                return
-        await self._send_outside_window(sender_id, decision, facts, now, outbound, number)
-
-    async def _decide(self, sender_id: str, outbound: Outbound, message: Dict[str, Any]):
-        channel = self.channel
-        now = await channel.clock.now()
-        mapping = channel.config.templates.for_response(outbound.response) if outbound.template is None else None
-        facts, slots = await channel.history.facts(
-            sender_id, now, channel.config.care_window, self.in_flight_inbound_at,
-            slots=mapping.placeholders if mapping else (),
-        )
-        values = {**slots, **{key: value for key, value in message.items() if value is not None}}
-        decision = decide(now, facts, replace(outbound, values=values), channel.config.templates, channel.config.care_window)
-        return decision, facts, now
-
-    async def _send_outside_window(
-        self, sender_id: str, decision: Decision, facts: WindowFacts, now: float, outbound: Outbound,
-        number: Optional[str],
-    ) -> None:
-        if isinstance(decision, Suppress):
-            await self.channel.record(sender_id, _record("suppressed", now, facts, outbound, reason=decision.reason))
-            return
-        if not isinstance(decision, SendTemplate):  # a second 131047 for a free-form message
-            await self.channel.record(sender_id, _record("suppressed", now, facts, outbound, reason="Meta refused it (131047)"))
-            return
-        try:
-            wamid = await self.channel.client.send_message(sender_id, decision.message(), phone_number_id=number)
-        except GraphError as error:
-            await self.channel.record(
-                sender_id, _record("failed", now, facts, outbound, template=decision.name, code=error.code, reason=error.message)
-            )
-            return
-        await self.channel.record(sender_id, _record("template", now, facts, outbound, template=decision.name, wamid=wamid))
-
-
-def _record(kind: str, now: float, facts: WindowFacts, outbound: Outbound, **details: Any) -> Dict[str, Any]:
-    record = {"kind": kind, "at": now, "window_of": facts.last_inbound_at, "response": outbound.response}
-    record.update({key: value for key, value in details.items() if value is not None})
-    return record
 
 
 class WhatsAppInput(InputChannel):
@@ -167,22 +94,16 @@ class WhatsAppInput(InputChannel):
         pacer = Pacer(**{**pacing, "customer_burst": int(pacing["customer_burst"])})
         self.client = CloudApiClient(config, pacer=pacer, retry_budget_seconds=config.retry_budget_seconds)
         self.clock = SimulatorClock(config.simulator_clock_url) if config.simulator_clock_url else SystemClock()
-        self.history = CareWindowHistory(self._tracker_store, config.opt_in_slot)
         self.decisions = DecisionLog()
         self.dedup = Deduplicator(config.redis_url or None)
         self.turns = PerSenderQueue()
+        self.state: Optional[CareState] = None
+        """Made at startup from Rasa's tracker store (see `open_state`)."""
+        self.opt_outs = OptOuts(config.opt_in_slot, self._stores, self._lock)
+        self.outbound = OutboundPath(config, self.client, self.clock.now, self._stores, self.opt_outs.pending, self.decisions)
         self.app: Optional[Sanic] = None
-        self._choices: "OrderedDict[str, Tuple[Tuple[str, str], ...]]" = OrderedDict()
-        self._delivery: "OrderedDict[str, Dict[str, Any]]" = OrderedDict()
+        self._ready = asyncio.Event()
         self._tasks: Set["asyncio.Task[None]"] = set()
-
-    def remember_choices(self, sender_id: str, choices: Tuple[Tuple[str, str], ...]) -> None:
-        """Options sent as numbered text, so that a typed "2" becomes its payload."""
-        if choices:
-            self._choices.pop(sender_id, None)
-            self._choices[sender_id] = choices
-            while len(self._choices) > 10_000:
-                self._choices.popitem(last=False)
 
     def get_output_channel(self) -> WhatsAppOutput:
         """For trigger_intent and the events API: no customer message in flight."""
@@ -192,47 +113,28 @@ class WhatsAppInput(InputChannel):
         """Resolved on each use: `PUT /model` replaces the agent."""
         return getattr(self.app.ctx, "agent", None) if self.app is not None else None
 
-    def _tracker_store(self) -> Any:
+    def _stores(self) -> Stores:
         agent = self._agent()
-        return agent.tracker_store if agent is not None else None
+        if self.state is None or agent is None:
+            raise RuntimeError("the WhatsApp channel's state is not open yet (the server is starting)")
+        return Stores(self.state, agent.tracker_store)
 
-    async def record(self, sender_id: str, record: Dict[str, Any]) -> None:
-        """A decision the window depends on: logged, counted, and kept in the customer's ledger."""
-        self.decisions.add(sender_id, record)
-        try:
-            await self.history.record(sender_id, record)
-        except Exception:
-            logger.exception("Could not store the care window record for %s", masked(sender_id))
+    def _lock(self, sender_id: str) -> Any:
+        """Rasa's lock for the customer, as Rasa's own HTTP API takes it for changes outside a turn."""
+        return self._agent().lock_store.lock(sender_id)
 
-    async def _outside_turn(self, sender_id: str, change: Callable[[], Awaitable[None]]) -> None:
-        """Run a change to a customer's state under Rasa's lock for that customer, as Rasa's own
-        HTTP API does, so no turn on any instance saves over it."""
+    async def open_state(self, app: Sanic) -> None:
+        """The care-window state, with Rasa's tracker store, its schema created before any webhook
+        is handled. A store it cannot live with, or tables it cannot create, stop the server."""
+        self.app = app
         agent = self._agent()
         if agent is None:
-            logger.error("No Rasa agent: could not update %s", masked(sender_id))
-            return
-        async with agent.lock_store.lock(sender_id):
-            await change()
-
-    async def _set_opt_in(self, sender_id: str, value: bool) -> None:
-        async def change() -> None:
-            store = self._tracker_store()
-            tracker = await store.get_or_create_tracker(sender_id, append_action_listen=False)
-            tracker.update(SlotSet(self.config.opt_in_slot, value))
-            await store.save(tracker)
-            logger.info("Customer %s opted %s", masked(sender_id), "in" if value else "out")
-
-        await self._outside_turn(sender_id, change)
-
-    async def _window_closed_by_meta(self, status: StatusUpdate, code: int) -> None:
-        sender_id = status.recipient_id or ""
-
-        async def change() -> None:
-            now = await self.clock.now()
-            facts, _ = await self.history.facts(sender_id, now, self.config.care_window)
-            await self.record(sender_id, _record("closed", float(status.timestamp), facts, Outbound(None), code=code, wamid=status.wamid))
-
-        await self._outside_turn(sender_id, change)
+            raise RuntimeError("the WhatsApp channel found no Rasa agent at startup")
+        state = CareState(backend_for(agent.tracker_store))
+        await state.create_schema()
+        self.state = state
+        self._ready.set()
+        logger.info("WhatsApp care-window state: %s", type(state.backend).__name__)
 
     def blueprint(self, on_new_message: Callable[[UserMessage], Awaitable[Any]]) -> Blueprint:
         bp = Blueprint("whatsapp_webhook", __name__)
@@ -240,6 +142,10 @@ class WhatsAppInput(InputChannel):
         @bp.listener("before_server_start")
         async def remember_app(app: Sanic, _: Any) -> None:
             self.app = app
+
+        @bp.listener("after_server_start")  # Rasa loads its agent (and tracker store) before this
+        async def open_state(app: Sanic, _: Any) -> None:
+            await self.open_state(app)
 
         @bp.get("/")
         async def health(_: Request) -> HTTPResponse:
@@ -276,6 +182,11 @@ class WhatsAppInput(InputChannel):
             except (ValueError, MalformedWebhook) as problem:
                 logger.warning("Webhook refused: %s", problem)
                 return response.text(f"malformed webhook: {problem}", status=400)
+            if not self._ready.is_set():
+                try:
+                    await asyncio.wait_for(self._ready.wait(), timeout=10)
+                except asyncio.TimeoutError:  # Meta redelivers later
+                    return response.text("starting", status=503)
 
             await self._dispatch(webhook, on_new_message)
             return response.text("EVENT_RECEIVED")
@@ -295,6 +206,7 @@ class WhatsAppInput(InputChannel):
         async def finish_turns(*_: Any) -> None:
             await self.turns.drain()
             await asyncio.gather(*self._tasks, return_exceptions=True)
+            self.opt_outs.close()
 
         @bp.listener("after_server_stop")
         async def close_client(*_: Any) -> None:
@@ -302,15 +214,22 @@ class WhatsAppInput(InputChannel):
             await self.dedup.close()
             if isinstance(self.clock, SimulatorClock):
                 await self.clock.close()
+            if self.state is not None:
+                self.state.close()
 
         return bp
 
     async def window_view(self, sender_id: str) -> Dict[str, Any]:
         now = await self.clock.now()
         policy = self.config.care_window
-        facts, _ = await self.history.facts(sender_id, now, policy, read_slots_when_open=True)
+        facts, _, customer = await self.outbound.facts(sender_id, now, always_read_slots=True)
         is_open = facts.is_open(now, policy)
         expires_at = facts.expires_at(now)
+        try:
+            records = await self.state.recent_outbound(sender_id, 50)
+        except Exception as error:  # the window says "unknown" already; show what can be shown
+            logger.error("Records of %s unreadable: %s", masked(sender_id), error)
+            records = []
         return {
             "sender_id": sender_id,
             "now": now,
@@ -318,17 +237,18 @@ class WhatsAppInput(InputChannel):
             "last_inbound_at": facts.last_inbound_at,
             "expires_at": expires_at - policy.margin_seconds if is_open and expires_at else None,
             "margin_seconds": policy.margin_seconds,
-            "closed_by_meta_at": facts.closed_at,
+            "closed_by_meta_for": facts.closed_for_inbound,
             "opt_in": facts.opt_in,
             "templates_sent": facts.templates_sent,
-            "templates_left": 0 if is_open else max(0, policy.templates_per_lapsed_window - facts.templates_sent),
+            "templates_left": max(0, policy.templates_per_lapsed_window - facts.templates_sent),
+            "reply_number": customer.reply_number if customer else None,
             "unknown": facts.unknown,
-            "records": await self.history.records(sender_id),
-            "recent_decisions": [
-                {**record, "delivery": self._delivery.get(record.get("wamid", ""))}
-                for record in self.decisions.recent(sender_id)
+            "records": [
+                {"kind": outcome(r), "decision": r.decision, "status": r.status, "at": r.at, "window_of": r.window_of,
+                 "response": r.response, "template": r.template, "wamid": r.wamid, "callback_id": r.callback_id,
+                 "code": r.error_code, "reason": r.reason, "fallback_of": r.fallback_of}
+                for r in reversed(records)
             ],
-            "counts": dict(self.decisions.counts),
         }
 
     async def _dispatch(self, webhook: Webhook, on_new_message: Callable[[UserMessage], Awaitable[Any]]) -> None:
@@ -354,22 +274,10 @@ class WhatsAppInput(InputChannel):
                 self._handle_preference(item)
 
     def _handle_status(self, status: StatusUpdate) -> None:
-        self._delivery.pop(status.wamid, None)
-        self._delivery[status.wamid] = {
-            "status": status.status,
-            "timestamp": status.timestamp,
-            "errors": [{"code": e.code, "title": e.title} for e in status.errors],
-        }
-        while len(self._delivery) > 50_000:
-            self._delivery.popitem(last=False)
-        for error in status.errors:
-            logger.warning(
-                "Message %s to %s failed: code=%s %s", status.wamid, masked(status.recipient_id), error.code, error.title
-            )
-            if error.code == 131047 and status.recipient_id:
-                self.turns.submit(status.recipient_id, lambda: self._window_closed_by_meta(status, 131047))
-        if not status.errors:
-            logger.debug("Message %s is %s", status.wamid, status.status)
+        """In the customer's order, beside their turns: a 131047 fallback must not overtake them."""
+        logger.debug("Message %s is %s", status.wamid, status.status)
+        self.turns.submit(status.recipient_id or status.recipient_user_id or status.wamid,
+                          lambda: self.outbound.on_status(status))
 
     def _handle_call(self, call: CallEvent, on_new_message: Callable[[UserMessage], Awaitable[Any]]) -> None:
         """A customer's call restarts the care window: it reaches Rasa as `call_intent`, with
@@ -386,22 +294,16 @@ class WhatsAppInput(InputChannel):
                           float(call.timestamp), call.phone_number_id, on_new_message)
 
     def _handle_system_change(self, change: SystemChange) -> None:
-        """A changed number or id: both conversations point at each other, so the customer's
-        history stays findable from either."""
+        """A changed number or id: logged so the two conversations can be tied together. The new
+        number's window opens with its first message, as Meta's does."""
         logger.info("Customer %s is now %s (%s)", masked(change.old_sender_id), masked(change.new_sender_id), change.type)
-        if not change.old_sender_id or not change.new_sender_id:
-            return
-        for sender_id, key, other in ((change.old_sender_id, "now", change.new_sender_id),
-                                      (change.new_sender_id, "previously", change.old_sender_id)):
-            record = {"kind": "identity_changed", "at": float(change.timestamp), "window_of": None,
-                      "change": change.type, key: other}
-            self.turns.submit(sender_id, lambda s=sender_id, r=record: self._outside_turn(s, lambda: self.record(s, r)))
 
     def _handle_preference(self, preference: UserPreference) -> None:
         """Meta's "stop marketing messages" from the customer: honoured as an opt-out."""
         logger.info("Customer %s: %s %s", masked(preference.sender_id), preference.category, preference.value)
         if preference.value == "stop" and preference.sender_id:
-            self.turns.submit(preference.sender_id, lambda: self._set_opt_in(preference.sender_id, False))
+            self.turns.submit(preference.sender_id,
+                              lambda: self.opt_outs.opt_out(preference.sender_id, "marketing stop"))
 
     def _is_opt_out(self, message: InboundMessage) -> bool:
         said = [message.text or ""]
@@ -422,11 +324,7 @@ class WhatsAppInput(InputChannel):
             )
             return
         metadata = rasa_metadata(message)
-        choice = numbered_choice(text, self._choices.get(message.sender_id, ()))
-        if choice is not None:
-            metadata["whatsapp"]["typed"] = text
-            text = choice
-        elif self._is_opt_out(message):  # no NLU needed: the keyword is the customer's explicit wish
+        if self._is_opt_out(message):  # no NLU needed: the keyword is the customer's explicit wish
             metadata["whatsapp"]["opt_out_keyword"] = text
             text = f"/{self.config.opt_out_intent}"
         self._submit_turn(message.sender_id, text, message.wamid, metadata, float(message.timestamp),
@@ -448,25 +346,33 @@ class WhatsAppInput(InputChannel):
         self, sender_id: str, text: str, message_id: str, metadata: Dict[str, Any], timestamp: float,
         phone_number_id: str, on_new_message: Callable[[UserMessage], Awaitable[Any]],
     ) -> None:
-        self.history.saw_inbound(sender_id, timestamp, phone_number_id)
-        user_message = UserMessage(
-            text=text,
-            output_channel=WhatsAppOutput(self, in_flight_inbound_at=timestamp, phone_number_id=phone_number_id),
-            sender_id=sender_id,
-            input_channel=self.name(),
-            message_id=message_id,
-            metadata=metadata,
-        )
         opt_out = "opt_out_keyword" in metadata["whatsapp"]
 
         async def turn() -> None:
             if self.config.mark_read and metadata["whatsapp"].get("type") != "call":
                 self._background(self._mark_read(message_id, phone_number_id))
             try:
+                await self.state.note_inbound(sender_id, int(timestamp), phone_number_id)
+            except Exception as error:  # the turn's own timestamp still opens the window for it
+                logger.error("Could not store the message time of %s: %s", masked(sender_id), error)
+            said = text
+            choice = await self.outbound.choice_for(sender_id, text) if looks_like_a_choice(text) else None
+            if choice is not None:  # a typed "2" for the latest numbered options
+                metadata["whatsapp"]["typed"] = text
+                said = choice
+            user_message = UserMessage(
+                text=said,
+                output_channel=WhatsAppOutput(self, in_flight_inbound_at=timestamp, phone_number_id=phone_number_id),
+                sender_id=sender_id,
+                input_channel=self.name(),
+                message_id=message_id,
+                metadata=metadata,
+            )
+            if opt_out:  # stored before the bot confirms it
+                await self.opt_outs.opt_out(sender_id, "keyword")
+            try:
                 await on_new_message(user_message)
             except Exception:
                 logger.exception("Rasa failed on message %s from %s", message_id, masked(sender_id))
-            if opt_out:
-                await self._set_opt_in(sender_id, False)
 
         self.turns.submit(sender_id, turn)

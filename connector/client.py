@@ -11,8 +11,10 @@ Retry policy (Graph codes, never titles; see errors.py):
   is at most `retry_budget_seconds` (15). So a whole turn, however many messages it has, never
   spends more than 15 s retrying; a retry that cannot fit is not started.
 - No Retry-After header is honoured: Meta does not send one (nor does the simulator).
-A retried timeout can duplicate a message Meta did accept before the answer was lost; that is
-the price of not losing it.
+- A message send whose request went out but whose answer never came (timeout, dropped
+  connection) is never retried here: Meta may have taken it, and the Cloud API has no
+  idempotency key. It raises `OutcomeUnknown`; the outbound path resolves it by the callback id
+  echoed in status webhooks. Only a connection that was never made is retried as transient.
 
 Pacing (pacing.py) happens before every attempt of a message send, per phone number and customer.
 """
@@ -28,7 +30,7 @@ from typing import Any, Awaitable, Callable, Deque, Dict, Mapping, Optional, Tup
 import aiohttp
 
 from connector.config import ChannelConfig
-from connector.errors import GraphError, TransientError
+from connector.errors import GraphError, OutcomeUnknown, TransientError
 from connector.pacing import Pacer
 
 logger = logging.getLogger(__name__)
@@ -76,16 +78,22 @@ class CloudApiClient:
 
     # --- public API ------------------------------------------------------------------------
 
-    async def send_message(self, to: str, message: Mapping[str, Any], phone_number_id: Optional[str] = None) -> str:
+    async def send_message(
+        self, to: str, message: Mapping[str, Any], phone_number_id: Optional[str] = None,
+        callback_id: Optional[str] = None,
+    ) -> str:
         """Send one message object (`type` plus its body, optionally `context`) to a customer from
-        `phone_number_id` (default: the configured number); returns its wamid."""
+        `phone_number_id` (default: the configured number); returns its wamid. `callback_id` goes
+        out as `biz_opaque_callback_data`, which Meta echoes in every status of the message."""
         number = phone_number_id or self._config.phone_number_id
         address = {"recipient": to} if _BSUID.match(to) else {"to": to}
         envelope = {"messaging_product": "whatsapp", "recipient_type": "individual"}
         body = {key: value for key, value in message.items() if key not in ("to", "recipient")}
         payload = {**envelope, **body, **address, "messaging_product": "whatsapp"}
+        if callback_id:
+            payload["biz_opaque_callback_data"] = callback_id
         answer = await self._request(
-            "POST", self.messages_url(number), json=payload,
+            "POST", self.messages_url(number), json=payload, idempotent=False,
             budget_key=f"{number}:{to}", before_attempt=lambda: self.pacer.wait(number, to),
         )
         try:
@@ -101,7 +109,7 @@ class CloudApiClient:
         if typing_indicator:
             payload["typing_indicator"] = {"type": "text"}
         url = self.messages_url(phone_number_id or self._config.phone_number_id)
-        await self._request_once("POST", url, payload, False, min(5.0, self._config.request_timeout))
+        await self._request_once("POST", url, payload, False, min(5.0, self._config.request_timeout), idempotent=True)
 
     async def download_media(self, media_id: str) -> Tuple[bytes, str]:
         """An inbound media's bytes and MIME type: `GET /{version}/{media-id}` gives a short-lived
@@ -173,6 +181,7 @@ class CloudApiClient:
         *,
         json: Any = None,
         raw: bool = False,
+        idempotent: bool = True,
         budget_key: Optional[str] = None,
         before_attempt: Optional[Callable[[], Awaitable[Any]]] = None,
     ) -> Any:
@@ -184,7 +193,7 @@ class CloudApiClient:
             if before_attempt is not None:
                 await before_attempt()
             try:
-                result = await self._request_once(method, url, json, raw, timeout)
+                result = await self._request_once(method, url, json, raw, timeout, idempotent)
             except GraphError as error:
                 if retry_started is not None:
                     spent_here += self._spend(budget_key, retry_started)
@@ -214,7 +223,9 @@ class CloudApiClient:
                 self._spend(budget_key, retry_started)
             return result
 
-    async def _request_once(self, method: str, url: str, json: Any, raw: bool, timeout: float) -> Any:
+    async def _request_once(
+        self, method: str, url: str, json: Any, raw: bool, timeout: float, idempotent: bool,
+    ) -> Any:
         try:
             async with self._get_session().request(
                 method, url, json=json, timeout=aiohttp.ClientTimeout(total=timeout)
@@ -228,5 +239,10 @@ class CloudApiClient:
                 if response.status >= 400:
                     raise GraphError.from_response(response.status, body)
                 return body
-        except (aiohttp.ClientError, asyncio.TimeoutError) as error:
+        except aiohttp.ClientConnectorError as error:  # never connected: nothing was sent
             raise TransientError(None, f"{type(error).__name__}: {error}") from error
+        except (aiohttp.ClientError, asyncio.TimeoutError) as error:
+            what = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+            if idempotent:
+                raise TransientError(None, what) from error
+            raise OutcomeUnknown(None, f"no answer, Meta may have taken it ({what})") from error

@@ -1,30 +1,38 @@
-"""Every outbound decision as a structured log line, a counter and a short per-customer history,
-so that nothing the bot meant to say disappears without a trace."""
+"""Every outbound decision as one structured log line and a counter, so that nothing the bot
+meant to say disappears without a trace (the care-window state keeps the records themselves)."""
 
 import json
 import logging
-from collections import Counter, OrderedDict, deque
-from typing import Any, Deque, Dict, List
+from collections import Counter
+from typing import Optional
+
+from connector.care_state import OutboundRecord
 
 logger = logging.getLogger("connector.decisions")
 
 
+def masked(wa_id: Optional[str]) -> str:
+    """Enough of a customer's id to follow a conversation in the logs, not the phone number."""
+    return f"...{wa_id[-4:]}" if wa_id else "?"
+
+
+def outcome(record: OutboundRecord) -> str:
+    """free_form, template, suppressed, or failed / unknown when Meta refused it or never answered."""
+    return record.status if record.status in ("failed", "unknown") else record.decision
+
+
 class DecisionLog:
-    def __init__(self, per_customer: int = 20, customers: int = 10_000) -> None:
+    def __init__(self) -> None:
         self.counts: Counter = Counter()
-        self._per_customer = per_customer
-        self._customers = customers
-        self._recent: "OrderedDict[str, Deque[Dict[str, Any]]]" = OrderedDict()
 
-    def add(self, sender_id: str, record: Dict[str, Any]) -> None:
-        self.counts[record["kind"]] += 1
-        recent = self._recent.pop(sender_id, None) or deque(maxlen=self._per_customer)
-        recent.append(record)
-        self._recent[sender_id] = recent
-        while len(self._recent) > self._customers:
-            self._recent.popitem(last=False)
-        level = logging.INFO if record["kind"] in ("free_form", "template") else logging.WARNING
-        logger.log(level, "whatsapp.outbound %s", json.dumps({"customer": f"…{sender_id[-4:]}", **record}))
-
-    def recent(self, sender_id: str) -> List[Dict[str, Any]]:
-        return list(self._recent.get(sender_id, ()))
+    def add(self, record: OutboundRecord) -> None:
+        kind = outcome(record)
+        self.counts[kind] += 1
+        line = {
+            "customer": masked(record.sender_id), "decision": kind, "response": record.response,
+            "template": record.template, "wamid": record.wamid, "callback_id": record.callback_id,
+            "code": record.error_code, "reason": record.reason, "window_of": record.window_of,
+            "fallback_of": record.fallback_of,
+        }
+        level = logging.INFO if kind in ("free_form", "template") else logging.WARNING
+        logger.log(level, "whatsapp.outbound %s", json.dumps({k: v for k, v in line.items() if v is not None}))

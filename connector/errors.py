@@ -71,6 +71,15 @@ class TemplateError(GraphError):
     """132xxx: the template or its parameters do not match what Meta approved."""
 
 
+class OutcomeUnknown(GraphError):
+    """The request went out and no answer came back (timeout, dropped connection): Meta may have
+    taken the message. Never retried blindly; a status webhook carrying its callback id tells."""
+
+
+class MarketingNotDelivered(GraphError):
+    """131049 (per-user marketing limit), 131050 (the customer stopped marketing messages)."""
+
+
 class TransientError(GraphError):
     """Meta or the network failed for now: 131000, 131016, 1, 2, HTTP 5xx, timeouts."""
 
@@ -90,6 +99,8 @@ _BY_CODE: Dict[int, Type[GraphError]] = {
     190: AuthError,
     131047: ReEngagementRequired,
     131026: Undeliverable,
+    131049: MarketingNotDelivered,
+    131050: MarketingNotDelivered,
     130429: RateLimited,
     131056: RateLimited,
     131057: RateLimited,
@@ -107,3 +118,24 @@ _BY_CODE: Dict[int, Type[GraphError]] = {
     132015: TemplateError,
     132016: TemplateError,
 }
+
+
+MEANINGS: Dict[int, str] = {
+    131047: "more than 24 hours since the customer last wrote (only a template may go out)",
+    131026: "undeliverable: no WhatsApp account, an old app, or terms not accepted",
+    131049: "Meta's per-user marketing limit: not delivered now, not retried",
+    131050: "the customer stopped marketing messages",
+    131051: "unsupported message type",
+    131048: "spam rate limit for this number",
+    132000: "template parameters do not match what Meta approved",
+    132001: "template does not exist in that language",
+    132005: "template text too long once filled",
+    132007: "template breaks a format policy",
+    132012: "template parameter in the wrong format",
+    132015: "template paused for low quality",
+    132016: "template disabled",
+}
+
+
+def meaning(code: Optional[int]) -> Optional[str]:
+    return MEANINGS.get(code) if code is not None else None

@@ -176,7 +176,6 @@ class ErrorNotice:
     phone_number_id: Optional[str] = None
 
 
-StatusError = ErrorNotice
 
 
 @dataclass(frozen=True)

@@ -102,6 +102,11 @@ class Rendered:
     numbered_choices: Tuple[Tuple[str, str], ...] = ()
 
 
+def looks_like_a_choice(typed: str) -> bool:
+    """Cheap check before looking up the customer's latest numbered options."""
+    return bool(_NUMBER.match(typed or ""))
+
+
 def numbered_choice(typed: str, choices: Sequence[Tuple[str, str]]) -> Optional[str]:
     """The payload for a customer's typed "2" (also "2.", "#2", " 2) ") among numbered choices."""
     match = _NUMBER.match(typed or "")

@@ -6,16 +6,12 @@ go out, one per lapsed window, and only to a customer who opted in. Everything t
 out is suppressed with a reason, so it can be recorded.
 """
 
-import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 from connector.templates import MissingParameter, TemplateBook
 
 CARE_WINDOW_SECONDS = 24 * 60 * 60
-
-Clock = Callable[[], float]
-system_clock: Clock = time.time
 
 
 @dataclass(frozen=True)
@@ -30,14 +26,15 @@ class CareWindowPolicy:
 
 @dataclass(frozen=True)
 class WindowFacts:
-    """What the tracker store (and the turn in flight) say about one customer."""
+    """What the care-window state, the tracker store and the turn in flight say about one customer."""
 
     last_inbound_at: Optional[float]
     """WhatsApp timestamp of the customer's latest message; None if they never wrote."""
-    closed_at: Optional[float] = None
-    """When Meta answered 131047 (the window is closed) after that message, if it did."""
+    closed_for_inbound: Optional[float] = None
+    """Meta answered 131047 to a message that answered the customer's message of this timestamp:
+    that window is closed, whatever the clocks say; a newer customer message opens a new one."""
     templates_sent: int = 0
-    """Templates sent since the window lapsed (reset by every customer message)."""
+    """Templates reserved since the window lapsed (reset by every customer message)."""
     opt_in: Optional[bool] = None
     unknown: Optional[str] = None
     """Why the state could not be read (store down): then nothing is provably allowed."""
@@ -51,8 +48,8 @@ class WindowFacts:
     def is_open(self, now: float, policy: CareWindowPolicy) -> bool:
         if self.unknown or self.last_inbound_at is None:
             return False
-        if self.closed_at is not None and self.closed_at > self.last_inbound_at:
-            return False  # in the same second, the customer's message wins: it reopens
+        if self.closed_for_inbound is not None and self.closed_for_inbound >= self.last_inbound_at:
+            return False
         return now < self.expires_at(now) - policy.margin_seconds
 
 

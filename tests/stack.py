@@ -67,8 +67,23 @@ class Stack:
         follow_up_seconds: float = 30 * 3600,
         instances: int = 1,
         shared: bool = False,
+        tracker_store: str = "SQL",
+        lock_store: str = "connector.lock_store.AtomicRedisLockStore",
+        channel_settings: Optional[Dict[str, Any]] = None,
     ) -> None:
+        """`tracker_store` and `lock_store` are endpoint types (`in_memory` for a lock store each
+        process keeps to itself); `channel_settings` override keys of the channel's credentials."""
         self.workdir = workdir
+        self.tracker_store = tracker_store
+        self.lock_store = lock_store
+        self.fault_file = workdir / "store-faults.json"
+        if channel_settings:
+            import yaml
+
+            block = yaml.safe_load(credentials.read_text())
+            block["connector.WhatsAppInput"].update(channel_settings)
+            credentials = workdir / "credentials.yml"
+            credentials.write_text(yaml.safe_dump(block))
         self.credentials = credentials
         self.follow_up_seconds = follow_up_seconds
         self.shared = shared
@@ -112,6 +127,7 @@ class Stack:
             RASA_AUTH_TOKEN=self.auth_token,
             RASA_URL=self.rasa_url,
             ORDER_FOLLOW_UP_SECONDS=str(self.follow_up_seconds),
+            STORE_FAULTS_FILE=str(self.fault_file),
         )
         return env
 
@@ -120,13 +136,15 @@ class Stack:
         store and Redis lock store (URLs from POSTGRES_URL / REDIS_URL)."""
         text = f'action_endpoint:\n  url: "http://127.0.0.1:{self.actions_port}/webhook"\n'
         if not self.shared:
-            return text + f'tracker_store:\n  type: SQL\n  dialect: "sqlite"\n  db: "{self.workdir / "tracker.db"}"\n'
+            return text + f'tracker_store:\n  type: {self.tracker_store}\n  dialect: "sqlite"\n  db: "{self.workdir / "tracker.db"}"\n'
         from tests.services import postgres_settings, redis_settings
 
         pg, redis = postgres_settings(), redis_settings()
         pg["url"], redis["url"] = pg.pop("host"), redis.pop("host")  # Rasa's endpoint key for the host
-        text += "tracker_store:\n  type: SQL\n" + "".join(f"  {k}: {json.dumps(v)}\n" for k, v in pg.items() if v is not None)
-        text += "lock_store:\n  type: connector.lock_store.AtomicRedisLockStore\n" + "".join(f"  {k}: {json.dumps(v)}\n" for k, v in redis.items() if v is not None)
+        text += f"tracker_store:\n  type: {self.tracker_store}\n" + "".join(f"  {k}: {json.dumps(v)}\n" for k, v in pg.items() if v is not None)
+        if self.lock_store == "in_memory":
+            return text + "lock_store:\n  type: in_memory\n"
+        text += f"lock_store:\n  type: {self.lock_store}\n" + "".join(f"  {k}: {json.dumps(v)}\n" for k, v in redis.items() if v is not None)
         return text
 
     def start(self) -> "Stack":
@@ -156,6 +174,20 @@ class Stack:
         ])
         if wait:
             self._wait_ready(name, f"{self.rasa_urls[instance]}/status?token={self.auth_token}")
+
+    def kill_rasa(self, instance: int = 0) -> None:
+        """kill -9: no shutdown listener runs, nothing is flushed."""
+        process = self.processes.pop(self._rasa_name(instance))
+        process.kill()
+        process.wait(timeout=30)
+
+    def fail_store(self, table: str, count: int = 1, off_loop_only: bool = False) -> None:
+        """With `tracker_store="tests.faulty_store.FaultySQLTrackerStore"`: the next `count`
+        statements on `table` fail as a database error (-1: until `heal_store`)."""
+        self.fault_file.write_text(json.dumps({"table": table, "count": count, "off_loop_only": off_loop_only}))
+
+    def heal_store(self) -> None:
+        self.fault_file.unlink(missing_ok=True)
 
     def stop_rasa(self, instance: int) -> None:
         process = self.processes.pop(self._rasa_name(instance))
@@ -223,10 +255,20 @@ class Stack:
         """The channel's view of a customer's care window."""
         return self.rasa("GET", f"/webhooks/whatsapp/conversations/{sender_id}", instance=instance)
 
-    def tracker(self, sender_id: str) -> Dict[str, Any]:
-        status, tracker = http("GET", f"{self.rasa_url}/conversations/{sender_id}/tracker?token={self.auth_token}")
-        assert status == 200, tracker
-        return tracker
+    def tracker(self, sender_id: str, turns: int = 0, timeout: float = 10) -> Dict[str, Any]:
+        """The customer's tracker once it holds `turns` saved turns (`user` events, external ones
+        included): Rasa saves a turn after its last bot message went out, so a reply at the
+        simulator comes a moment before the turn is in the tracker."""
+        deadline = time.monotonic() + timeout
+        while True:
+            status, tracker = http("GET", f"{self.rasa_url}/conversations/{sender_id}/tracker?token={self.auth_token}")
+            assert status == 200, tracker
+            events = tracker["events"]
+            saved = sum(e["event"] == "user" for e in events)
+            ended = bool(events) and events[-1]["event"] == "action" and events[-1].get("name") == "action_listen"
+            if (saved >= turns and (ended or not turns)) or time.monotonic() > deadline:
+                return tracker
+            time.sleep(0.05)
 
     # --- internals ----------------------------------------------------------------------------
 

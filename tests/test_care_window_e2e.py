@@ -24,13 +24,13 @@ def push_events(stack, wa_id, events):
 
 
 def last_record(stack, wa_id):
-    return stack.window(wa_id)["recent_decisions"][-1]
+    return stack.window(wa_id)["records"][-1]
 
 
 def wait_for_record(stack, wa_id, kind, timeout=15):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        decisions = stack.window(wa_id)["recent_decisions"]
+        decisions = stack.window(wa_id)["records"]
         if decisions and decisions[-1]["kind"] == kind:
             return decisions[-1]
         time.sleep(0.1)
@@ -74,8 +74,8 @@ def test_customer_writes_reminder_30h_later_trigger_reply_trigger(stack, wa_id):
 
     view = stack.window(wa_id)
     assert view["window_open"] is True and view["opt_in"] is True
-    delivered = [d["delivery"] for d in view["recent_decisions"] if d["kind"] in ("free_form", "template")]
-    assert delivered and all(d and d["status"] in ("sent", "delivered", "read") for d in delivered[:-1])
+    delivered = [d["status"] for d in view["records"] if d["kind"] in ("free_form", "template")]
+    assert delivered and all(status in ("sent", "delivered", "read") for status in delivered[:-1])
     assert view["expires_at"] == pytest.approx(view["last_inbound_at"] + 24 * HOUR - 60)
 
 
@@ -83,7 +83,7 @@ def test_window_slots_let_the_dialogue_branch(stack, wa_id):
     opted_in_customer_with_a_shipped_order(stack, wa_id)
     trigger(stack, wa_id)
     stack.wait_outbound(wa_id, 3)
-    slots = stack.tracker(wa_id)["slots"]
+    slots = stack.tracker(wa_id, turns=3)["slots"]
     assert slots["whatsapp_window_open"] is True
     assert slots["whatsapp_window_expires_at"] > stack.sim_now() + 23 * HOUR
 
@@ -100,7 +100,7 @@ def test_agent_reply_inside_the_window_goes_out_and_outside_is_suppressed_and_re
     assert record["kind"] == "suppressed"
     assert record["reason"] == "outside the care window and no template is mapped for a message without a response name"
     assert len(stack.wait_outbound(wa_id, 2)) == 2
-    assert stack.window(wa_id)["records"][-1]["kind"] == "suppressed"  # kept in the tracker store
+    assert stack.window(wa_id)["records"][-1]["kind"] == "suppressed"  # kept in the shared state
 
 
 def test_window_outlives_rasa_session_expiry(stack, wa_id):
@@ -119,7 +119,7 @@ def test_a_message_written_25h_ago_is_answered_outside_the_window(stack, wa_id):
     sent = stack.customer_says(wa_id, {"text": "hi", "timestamp": int(stack.sim_now() - 25 * HOUR)})
     record = wait_for_record(stack, wa_id, "suppressed")
     assert record["response"] == "utter_greet"
-    user_events = [e for e in stack.tracker(wa_id)["events"] if e["event"] == "user"]
+    user_events = [e for e in stack.tracker(wa_id, turns=1)["events"] if e["event"] == "user"]
     assert [e["message_id"] for e in user_events] == [sent["wamid"]]  # not dropped
     assert stack.stats()["window_violations"] == violations_before
 
@@ -128,8 +128,8 @@ def test_stop_keyword_opts_out_without_nlu_and_blocks_templates(stack, wa_id):
     opted_in_customer_with_a_shipped_order(stack, wa_id)
     stack.customer_says(wa_id, "STOP")
     assert "won't send you order updates" in stack.wait_outbound(wa_id, 3)[-1]["payload"]["text"]["body"]
-    assert stack.tracker(wa_id)["slots"]["whatsapp_opt_in"] is False
-    user_event = [e for e in stack.tracker(wa_id)["events"] if e["event"] == "user"][-1]
+    assert stack.tracker(wa_id, turns=3)["slots"]["whatsapp_opt_in"] is False
+    user_event = [e for e in stack.tracker(wa_id, turns=3)["events"] if e["event"] == "user"][-1]
     assert user_event["parse_data"]["intent"]["name"] == "opt_out"
 
     stack.sim("POST", "clock", {"advance": 30 * HOUR})
@@ -149,8 +149,10 @@ def test_meta_refusing_synchronously_closes_the_window_and_falls_back_to_the_tem
     messages = stack.wait_outbound(wa_id, 3)
     assert messages[-1]["payload"]["type"] == "template"
     view = stack.window(wa_id)
-    assert view["window_open"] is False and view["closed_by_meta_at"] is not None
-    assert [r["kind"] for r in view["records"]] == ["closed", "template"]
+    assert view["window_open"] is False and view["closed_by_meta_for"] == view["last_inbound_at"]
+    refused, template = view["records"][-2:]
+    assert (refused["kind"], refused["code"], template["kind"]) == ("failed", 131047, "template")
+    assert template["fallback_of"] == refused["callback_id"]
 
 
 def test_meta_failing_a_message_later_closes_the_window(stack, wa_id):

@@ -231,4 +231,4 @@ async def test_replies_leave_from_the_number_the_customer_wrote_to(app, channel)
     await post(app, json.dumps(body).encode())
     (message,) = await delivered(app, channel)
     assert message.output_channel.phone_number_id == "222222222222222"
-    assert channel.history.reply_number("16315551181") == "222222222222222"
+    assert channel.state.backend.customer("16315551181").reply_number == "222222222222222"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from typing import Any, Dict, List, Optional
 
 import aiohttp
@@ -17,7 +18,7 @@ from aiohttp import web
 from connector.client import CloudApiClient
 from connector.config import ChannelConfig
 from connector.errors import (
-    AccountRateLimited, AuthError, GraphError, RateLimited, ReEngagementRequired, TemplateError,
+    AccountRateLimited, AuthError, GraphError, MarketingNotDelivered, OutcomeUnknown, RateLimited, ReEngagementRequired, TemplateError,
     TransientError, Undeliverable,
 )
 from connector.pacing import Gcra, Pacer
@@ -34,14 +35,17 @@ ENVELOPE = {"messaging_product": "whatsapp", "recipient_type": "individual", "to
 
 
 class FakeTime:
-    """A clock that only moves when someone sleeps; records every sleep."""
+    """A clock that only moves when someone sleeps (and, with `real`, also with real time, so
+    that request durations count); records every sleep."""
 
     def __init__(self) -> None:
         self.now = 1000.0
         self.sleeps: List[float] = []
+        self.real = False
+        self._started = time.monotonic()
 
     def clock(self) -> float:
-        return self.now
+        return self.now + (time.monotonic() - self._started if self.real else 0.0)
 
     async def sleep(self, seconds: float) -> None:
         self.sleeps.append(round(seconds, 6))
@@ -396,7 +400,7 @@ RETRIED = [(429, 130429), (400, 131056), (503, 131057), (500, 131000), (503, 131
 NOT_RETRIED = [
     (400, 131026, Undeliverable), (400, 131047, ReEngagementRequired), (400, 132001, TemplateError),
     (400, 132000, TemplateError), (401, 190, AuthError), (400, 4, AccountRateLimited), (400, 80007, AccountRateLimited),
-    (400, 131048, GraphError), (400, 131050, GraphError), (400, 131009, GraphError), (404, 100, GraphError),
+    (400, 131048, GraphError), (400, 131050, MarketingNotDelivered), (400, 131009, GraphError), (404, 100, GraphError),
 ]
 
 
@@ -470,23 +474,34 @@ async def test_retry_budget_bounds_a_call_and_a_turn(sim, make_client, fake_time
 
 
 async def test_default_policy_stays_well_inside_the_lock(sim, make_client, fake_time):
+    """Four failing messages of one turn: the retry sleeps AND the retried requests' own
+    durations (each answer takes 0.2 s here) fit the 15 s budget, well inside Rasa's 60 s lock."""
     await sim.customer_says()
-    await sim.faults(*[{"status": 429, "code": 130429}] * 20)
+    await sim.faults(*[{"status": 429, "code": 130429, "delay": 0.2}] * 40)
     client = make_client(sim, random=lambda: 1.0)  # defaults: 5 attempts, 0.5 s doubling to 4 s, 15 s budget
+    fake_time.real = True
+    started = fake_time.clock()
     for _ in range(4):  # four messages of one turn, all failing
         with pytest.raises(RateLimited):
             await client.send_message(CUSTOMER, {"type": "text", "text": {"body": "x"}})
+    elapsed = fake_time.clock() - started
+    first_attempts = 4 * 0.2  # each message's first try is not a retry
     assert fake_time.sleeps[:4] == [0.5, 1.0, 2.0, 4.0]
-    assert sum(fake_time.sleeps) <= 15
+    assert elapsed - sum(fake_time.sleeps) >= (await sim.served()) * 0.2  # the durations were real
+    assert elapsed - first_attempts <= 15 + 0.3
 
 
-async def test_timeout_is_retried_and_delivered_once(sim, make_client, fake_time):
+@pytest.mark.parametrize("fault", [{"hold": 2.0}, {"hold": 0, "drop": True}])
+async def test_an_answer_lost_after_meta_accepted_is_not_retried(sim, make_client, fake_time, fault):
+    """Meta took the message and the answer never came: a retry would deliver it twice."""
     await sim.customer_says()
-    await sim.faults({"delay": 1.0, "status": 500})  # slower than the client's 0.2 s timeout
-    client = make_client(sim, request_timeout=0.2)
-    await client.send_message(CUSTOMER, {"type": "text", "text": {"body": "late"}})
-    assert len(fake_time.sleeps) == 1
-    assert [m["text"]["body"] for m in await sim.outbound()] == ["late"]
+    await sim.faults(fault)
+    client = make_client(sim, request_timeout=0.3)
+    with pytest.raises(OutcomeUnknown):
+        await client.send_message(CUSTOMER, {"type": "text", "text": {"body": "late"}}, callback_id="cb-1")
+    assert fake_time.sleeps == []
+    assert [m["text"]["body"] for m in await sim.outbound()] == ["late"]  # delivered, once
+    assert (await sim.outbound())[0]["biz_opaque_callback_data"] == "cb-1"
 
 
 async def test_unreachable_api_is_transient(make_client, fake_time):

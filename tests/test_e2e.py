@@ -50,7 +50,7 @@ def test_order_status_walks_through_the_custom_action(stack, wa_id):
     stack.customer_says(wa_id, "10042")
     answer = bodies(stack.wait_outbound(wa_id, 2))[-1]
     assert "10042" in answer["text"]["body"] and "shipped" in answer["text"]["body"]
-    slots = stack.tracker(wa_id)["slots"]
+    slots = stack.tracker(wa_id, turns=2)["slots"]
     assert (slots["order_id"], slots["order_status"]) == ("10042", "shipped")
 
 
@@ -58,7 +58,7 @@ def test_message_id_and_whatsapp_timestamp_are_stored_on_the_tracker(stack, wa_i
     written_at = int(http("GET", f"{stack.sim_url}/_sim/clock")[1]["now"]) - 60
     sent = stack.customer_says(wa_id, {"text": "hello", "timestamp": written_at, "name": "Ada"})
     stack.wait_outbound(wa_id, 1)
-    (user_event,) = [e for e in stack.tracker(wa_id)["events"] if e["event"] == "user"]
+    (user_event,) = [e for e in stack.tracker(wa_id, turns=1)["events"] if e["event"] == "user"]
     assert user_event["message_id"] == sent["wamid"]
     assert user_event["input_channel"] == "whatsapp"
     whatsapp = user_event["metadata"]["whatsapp"]
@@ -101,8 +101,8 @@ def test_unparseable_message_in_a_batch_does_not_stop_the_others(stack, wa_id):
     ])
     assert post_signed(stack, body) == 200
     stack.wait_outbound(wa_id, 2)
-    user_events = [e for e in stack.tracker(wa_id)["events"] if e["event"] == "user"]
-    assert [e["message_id"] for e in user_events][1:] == [f"wamid.ok{wa_id}"]
+    user_events = [e for e in stack.tracker(wa_id, turns=3)["events"] if e["event"] == "user"]
+    assert [e["message_id"] for e in user_events][1:] == [f"wamid.ok{wa_id}", f"wamid.img{wa_id}"]
     assert "missing 'id'" in stack.log("rasa")
 
 
@@ -122,7 +122,7 @@ def test_photo_with_caption_is_understood_as_text(stack, wa_id):
     stack.customer_says(wa_id, {"image": {"caption": "where is order 10042"}})
     reply = bodies(stack.wait_outbound(wa_id, 1))[-1]
     assert "10042" in reply["text"]["body"] and "shipped" in reply["text"]["body"]
-    (user_event,) = [e for e in stack.tracker(wa_id)["events"] if e["event"] == "user"]
+    (user_event,) = [e for e in stack.tracker(wa_id, turns=1)["events"] if e["event"] == "user"]
     assert user_event["metadata"]["whatsapp"]["media"]["mime_type"].startswith("image/")
 
 
@@ -158,4 +158,4 @@ def test_meta_redelivering_a_message_gets_one_answer(stack, wa_id):
         assert post_signed(stack, webhook_from(wa_id, [inbound["payload"]])) == 200
     stack.customer_says(wa_id, "bye")  # a later message is answered: the duplicates were not
     replies = stack.wait_outbound(wa_id, 2)
-    assert len(replies) == 2 and len([e for e in stack.tracker(wa_id)["events"] if e["event"] == "user"]) == 2
+    assert len(replies) == 2 and len([e for e in stack.tracker(wa_id, turns=2)["events"] if e["event"] == "user"]) == 2

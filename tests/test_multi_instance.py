@@ -49,12 +49,12 @@ def test_both_instances_decide_alike_and_one_template_holds_across_them_and_a_re
     trigger(pair, wa_id, B)
     assert pair.wait_outbound(wa_id, 4)[-1]["payload"]["type"] == "template"
     trigger(pair, wa_id, A)  # A knows B already sent this lapsed window's template
-    assert pair.window(wa_id, A)["recent_decisions"][-1]["kind"] == "suppressed"
+    assert pair.window(wa_id, A)["records"][-1]["kind"] == "suppressed"
 
     pair.stop_rasa(B)
     pair.start_rasa(B)
-    trigger(pair, wa_id, B)  # the count lives in the tracker store, not in B's memory
-    assert pair.window(wa_id, B)["recent_decisions"][-1]["kind"] == "suppressed"
+    trigger(pair, wa_id, B)  # the reservation lives in the shared state, not in B's memory
+    assert pair.window(wa_id, B)["records"][-1]["kind"] == "suppressed"
     assert kinds(pair, wa_id) == ["text", "text", "text", "template"]
     assert pair.window(wa_id, B)["templates_sent"] == 1
     assert pair.stats()["window_violations"] == violations_before

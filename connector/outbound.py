@@ -1,0 +1,306 @@
+"""The outbound path: every bot message to a customer goes render → decide → reserve → send →
+record here, and so do the fallbacks that Meta's 131047 calls for.
+
+- The window is decided from the shared care-window state (the customer's last message, Meta's
+  "closed" reports, template reservations); when the state says closed, the tracker store, the
+  source of truth, is asked for the customer's last message before anything is suppressed.
+- A template goes out only after a conditional write reserved one of the lapsed window's slots.
+  Reserved before the send, so a crash, a timeout or a second instance never sends another.
+- Every message carries its record's callback id in `biz_opaque_callback_data`. A send whose
+  answer was lost stays reserved (a template) or waits a bounded time for its status (free-form)
+  before it is sent again, so it is neither lost nor doubled.
+- A `failed` status with 131047 closes the window that message answered and delivers the same
+  bot message again under the closed window: its template, or a recorded suppression.
+"""
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass, replace
+from typing import Any, Awaitable, Callable, Dict, Iterable, Optional, Tuple
+
+from connector.care_state import SENT_STATUSES, CareState, CustomerState, OutboundRecord, unwrap
+from connector.config import ChannelConfig
+from connector.decisions import DecisionLog, masked
+from connector.errors import GraphError, OutcomeUnknown, ReEngagementRequired, meaning
+from connector.payloads import StatusUpdate
+from connector.render import Rendered, numbered_choice, render
+from connector.tracker_reads import last_inbound, latest_slots
+from connector.window import Outbound, SendFreeForm, SendTemplate, Suppress, WindowFacts, decide
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Stores:
+    """Resolved on each use: Rasa's agent (and its tracker store) can be replaced at run time."""
+
+    state: CareState
+    tracker_store: Any
+
+
+class OutboundPath:
+    def __init__(
+        self,
+        config: ChannelConfig,
+        client: Any,
+        now: Callable[[], Awaitable[float]],
+        stores: Callable[[], Stores],
+        opted_out: Callable[[str], bool],
+        decisions: DecisionLog,
+        status_wait_seconds: float = 10.0,
+        choices_seconds: float = 3600.0,
+    ) -> None:
+        self.config = config
+        self.client = client
+        self.now = now
+        self.stores = stores
+        self.opted_out = opted_out
+        """Whether an opt-out of the channel's own is not yet in the tracker store."""
+        self.decisions = decisions
+        self.status_wait_seconds = status_wait_seconds
+        self.choices_seconds = choices_seconds
+
+    # --- the window --------------------------------------------------------------------------
+
+    async def facts(
+        self,
+        sender_id: str,
+        now: float,
+        in_flight_inbound_at: Optional[float] = None,
+        slots: Iterable[str] = (),
+        always_read_slots: bool = False,
+    ) -> Tuple[WindowFacts, Dict[str, Any], Optional[CustomerState]]:
+        """The window facts, and the slots asked for (read only when the window is closed, unless
+        asked: the opt-in does not matter inside it). Unreadable state means "unknown": closed."""
+        stores = self.stores()
+        policy = self.config.care_window
+        try:
+            customer = await stores.state.customer(sender_id)
+            facts = _facts(customer, in_flight_inbound_at)
+            if facts.is_open(now, policy) and not always_read_slots:
+                return facts, {}, customer
+            tracker_store = unwrap(stores.tracker_store)
+            stored = await asyncio.to_thread(last_inbound, tracker_store, sender_id)
+            if stored is not None and (customer.last_inbound_at or 0) < stored[0]:
+                # a message the state missed (an upgrade, or a state write that failed)
+                await stores.state.note_inbound(sender_id, int(stored[0]), stored[1])
+                customer = replace(customer, last_inbound_at=int(stored[0]), reply_number=stored[1])
+                facts = _facts(customer, in_flight_inbound_at)
+            if facts.is_open(now, policy) and not always_read_slots:
+                return facts, {}, customer
+            window_of = int(facts.last_inbound_at or 0)
+            reserved = await stores.state.templates_reserved(sender_id, window_of)
+            values = await asyncio.to_thread(latest_slots, tracker_store, sender_id, [self.config.opt_in_slot, *slots])
+        except Exception as error:
+            logger.error("Care window state for %s unreadable: %s: %s", masked(sender_id), type(error).__name__, error)
+            return WindowFacts(None, unknown=f"care window state unavailable ({type(error).__name__})"), {}, None
+        opt_in = values.pop(self.config.opt_in_slot, None)
+        if customer.opt_out_pending or self.opted_out(sender_id):
+            opt_in = False
+        return replace(facts, templates_sent=reserved, opt_in=opt_in if isinstance(opt_in, bool) else None), values, customer
+
+    # --- sending -----------------------------------------------------------------------------
+
+    async def deliver(
+        self,
+        sender_id: str,
+        message: Dict[str, Any],
+        in_flight_inbound_at: Optional[float] = None,
+        phone_number_id: Optional[str] = None,
+        fallback_of: Optional[str] = None,
+        closed_for: Optional[float] = None,
+    ) -> None:
+        """One Rasa bot message, every part of it, decided against the window at send time."""
+        rendered = render(message)
+        for problem in rendered.problems:  # every part not sent is explained here
+            logger.warning("Part of %s to %s not sent: %s", message.get("utter_action") or "a message", masked(sender_id), problem)
+        if not rendered.messages:
+            return
+        custom = message.get("custom")
+        outbound = Outbound(
+            response=message.get("utter_action"),
+            template=custom.get("template") if isinstance(custom, dict) and custom.get("type") == "template" else None,
+        )
+        now = await self.now()
+        mapping = self.config.templates.for_response(outbound.response) if outbound.template is None else None
+        facts, slots, customer = await self.facts(
+            sender_id, now, in_flight_inbound_at, slots=mapping.placeholders if mapping else ())
+        if closed_for is not None:
+            facts = replace(facts, closed_for_inbound=max(closed_for, facts.closed_for_inbound or 0))
+        values = {**slots, **{key: value for key, value in message.items() if value is not None}}
+        decision = decide(now, facts, replace(outbound, values=values), self.config.templates, self.config.care_window)
+        number = phone_number_id or (customer.reply_number if customer else None)
+        base = OutboundRecord(
+            callback_id="", sender_id=sender_id, decision=decision.kind, window_of=int(facts.last_inbound_at or 0),
+            at=now, created_at=0.0, response=outbound.response, rendered_with=_jsonable(message), fallback_of=fallback_of,
+        )
+        if isinstance(decision, SendFreeForm):
+            await self._send_free_form(base, rendered, number, in_flight_inbound_at)
+        elif isinstance(decision, SendTemplate):
+            await self._send_template(replace(base, template=decision.name), decision, number)
+        else:
+            await self._suppress(base, decision.reason)
+
+    async def _send_free_form(
+        self, base: OutboundRecord, rendered: Rendered, number: Optional[str], in_flight_inbound_at: Optional[float],
+    ) -> None:
+        state = self.stores().state
+        for index, part in enumerate(rendered.messages):
+            last = index == len(rendered.messages) - 1
+            record = _new(base, choices=rendered.numbered_choices if last else ())
+            await self._best_effort(state.add_outbound(record), "store the record of", record)
+            try:
+                wamid = await self._send_resolving_unknown(record, part, number)
+            except ReEngagementRequired as error:
+                # Meta disagrees that the window is open: believe Meta, then the same message
+                # again under the closed window (its template, or a recorded suppression).
+                await self._failed(record, error)
+                await self._best_effort(state.close_window(record.sender_id, record.window_of), "close the window of", record)
+                await self.deliver(record.sender_id, dict(record.rendered_with), in_flight_inbound_at, number,
+                                   fallback_of=record.callback_id, closed_for=record.window_of)
+                return
+            except GraphError as error:
+                await self._failed(record, error)
+                return
+            if wamid is None:  # a status webhook resolves it (or already did)
+                continue
+            self.decisions.add(replace(record, wamid=wamid, status="accepted"))
+
+    async def _send_resolving_unknown(self, record: OutboundRecord, part: Dict[str, Any], number: Optional[str]) -> Optional[str]:
+        """The wamid; None when the answer was lost and the status webhooks settle it. A lost
+        answer is followed by a bounded wait for the message's status, then one more send."""
+        state = self.stores().state
+        for attempt in (1, 2):
+            try:
+                wamid = await self.client.send_message(record.sender_id, part, phone_number_id=number, callback_id=record.callback_id)
+            except OutcomeUnknown as error:
+                await self._best_effort(state.update_outbound("unknown", callback_id=record.callback_id), "mark unknown", record)
+                logger.warning("Sending %s to %s: %s", record.callback_id, masked(record.sender_id), error.message)
+                status = await self._wait_for_status(record.callback_id)
+                if status is not None:
+                    return None
+                if attempt == 2:
+                    self.decisions.add(replace(record, status="unknown", reason=error.message))
+                    return None
+                continue
+            await self._best_effort(
+                state.update_outbound("accepted", callback_id=record.callback_id, wamid=wamid), "store the wamid of", record)
+            return wamid
+        return None
+
+    async def _wait_for_status(self, callback_id: str) -> Optional[str]:
+        state = self.stores().state
+        deadline = time.monotonic() + self.status_wait_seconds
+        while time.monotonic() < deadline:
+            await asyncio.sleep(0.25)
+            try:
+                record = await state.outbound(callback_id)
+            except Exception:
+                continue
+            if record is not None and (record.status in SENT_STATUSES or record.status == "failed"):
+                return record.status
+        return None
+
+    async def _send_template(self, base: OutboundRecord, decision: SendTemplate, number: Optional[str]) -> None:
+        state = self.stores().state
+        record = _new(base)
+        limit = self.config.care_window.templates_per_lapsed_window
+        try:
+            reserved = await state.reserve_template(record, limit)
+        except Exception as error:
+            await self._suppress(base, f"outside the care window and the template reservation could not be written ({type(error).__name__})")
+            return
+        if not reserved:
+            await self._suppress(base, f"outside the care window and {limit} template(s) already sent since it lapsed (limit {limit})")
+            return
+        try:
+            wamid = await self.client.send_message(record.sender_id, decision.message(), phone_number_id=number,
+                                                   callback_id=record.callback_id)
+        except OutcomeUnknown as error:  # stays reserved: never sent twice; its status settles it
+            await self._best_effort(state.update_outbound("unknown", callback_id=record.callback_id), "mark unknown", record)
+            self.decisions.add(replace(record, status="unknown", reason=error.message))
+            return
+        except GraphError as error:  # Meta answered: it did not take the template
+            await self._best_effort(state.release_template(record), "release the reservation of", record)
+            await self._failed(record, error)
+            return
+        await self._best_effort(state.update_outbound("accepted", callback_id=record.callback_id, wamid=wamid), "store the wamid of", record)
+        self.decisions.add(replace(record, wamid=wamid, status="accepted"))
+
+    async def _suppress(self, base: OutboundRecord, reason: str) -> None:
+        record = _new(base, decision="suppressed", status="suppressed", reason=reason)
+        self.decisions.add(record)  # logged even when the state cannot take it
+        await self._best_effort(self.stores().state.add_outbound(record), "store the suppression of", record)
+
+    async def _failed(self, record: OutboundRecord, error: GraphError) -> None:
+        reason = meaning(error.code) or error.message
+        await self._best_effort(
+            self.stores().state.update_outbound("failed", callback_id=record.callback_id, error_code=error.code, reason=reason),
+            "store the failure of", record)
+        self.decisions.add(replace(record, status="failed", error_code=error.code, reason=reason))
+
+    async def _best_effort(self, write: Awaitable[Any], what: str, record: OutboundRecord) -> None:
+        try:
+            await write
+        except Exception as error:
+            logger.error("Could not %s %s to %s: %s: %s", what, record.callback_id, masked(record.sender_id),
+                         type(error).__name__, error)
+
+    # --- what comes back ---------------------------------------------------------------------
+
+    async def on_status(self, status: StatusUpdate) -> None:
+        """A status webhook: the record moves forward; a failure is recorded with its meaning,
+        releases a template's slot, and a 131047 for a free-form message runs its fallback."""
+        state = self.stores().state
+        failed = status.status == "failed"
+        error = GraphError.from_error_object({"code": status.errors[0].code, "message": status.errors[0].title}) \
+            if failed and status.errors else None
+        kwargs: Dict[str, Any] = {"callback_id": status.biz_opaque_callback_data, "wamid": status.wamid}
+        if error is not None:
+            kwargs.update(error_code=error.code, reason=meaning(error.code) or error.message)
+        if status.status not in SENT_STATUSES and not failed:
+            return  # "played" and what Meta may add later say nothing about the window
+        if failed:
+            logger.warning("Message %s to %s failed: code=%s %s", status.wamid, masked(status.recipient_id),
+                           error.code if error else None, kwargs.get("reason"))
+        record = await state.update_outbound(status.status, **kwargs)
+        if record is None or not failed:
+            return
+        self.decisions.add(record)
+        if record.decision == "template":
+            await state.release_template(record)
+        if isinstance(error, ReEngagementRequired) and record.decision == "free_form":
+            customer = await state.customer(record.sender_id)
+            if (customer.last_inbound_at or 0) > record.window_of:
+                return  # the customer wrote since: that window is not the current one
+            await state.close_window(record.sender_id, record.window_of)
+            await self.deliver(record.sender_id, dict(record.rendered_with), phone_number_id=status.phone_number_id,
+                               fallback_of=record.callback_id, closed_for=record.window_of)
+
+    async def choice_for(self, sender_id: str, typed: str) -> Optional[str]:
+        """The payload of a typed "2" if the latest bot message offered numbered options lately."""
+        try:
+            latest = await self.stores().state.recent_outbound(sender_id, 1)
+        except Exception as error:
+            logger.error("Numbered choices of %s unreadable: %s", masked(sender_id), error)
+            return None
+        if not latest or not latest[0].choices or time.time() - latest[0].created_at > self.choices_seconds:
+            return None
+        return numbered_choice(typed, latest[0].choices)
+
+
+def _facts(customer: CustomerState, in_flight_inbound_at: Optional[float]) -> WindowFacts:
+    known = [t for t in (customer.last_inbound_at, in_flight_inbound_at) if t is not None]
+    return WindowFacts(last_inbound_at=max(known) if known else None, closed_for_inbound=customer.closed_for_inbound)
+
+
+def _new(base: OutboundRecord, **changes: Any) -> OutboundRecord:
+    return replace(base, callback_id=uuid.uuid4().hex, created_at=time.time(), **changes)
+
+
+def _jsonable(message: Dict[str, Any]) -> Dict[str, Any]:
+    """The bot message as kept for a fallback: JSON values only."""
+    return json.loads(json.dumps(message, default=str))
