@@ -202,3 +202,16 @@ def test_a_typed_number_maps_only_to_the_latest_numbered_list(stack, wa_id):
     stack.wait_outbound(wa_id, 5)
     said = [e["text"] for e in stack.tracker(wa_id, turns=3)["events"] if e["event"] == "user"]
     assert said[-2:] == ["/order_status", "2"]
+
+
+def test_rasa_run_refuses_to_start_when_the_state_tables_cannot_be_created(tmp_path):
+    broken = Stack(tmp_path, tracker_store="tests.faulty_store.FaultySQLTrackerStore")
+    broken.fail_store("whatsapp_customers", -1)  # e.g. a database user without DDL rights
+    try:
+        with pytest.raises(RuntimeError) as raised:
+            broken.start()
+        assert "rasa exited" in str(raised.value)
+        assert "care-window tables could not be created" in str(raised.value)
+        assert "CREATE TABLE whatsapp_customers" in broken.log("rasa")
+    finally:
+        broken.stop()

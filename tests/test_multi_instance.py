@@ -74,3 +74,32 @@ def test_simultaneous_triggers_on_both_instances_send_one_template(pair, wa_id):
     decisions = pair.window(wa_id, A)["records"]
     assert [r["kind"] for r in decisions].count("template") == 1
     assert [r["kind"] for r in decisions].count("suppressed") == 3
+
+
+@pytest.fixture(scope="module")
+def unlocked_pair(tmp_path_factory):
+    """Two instances whose lock stores are each their own process's memory: Rasa's lock does not
+    serialise them, so only the care-window state's reservation stands between them."""
+    stack = Stack(tmp_path_factory.mktemp("unlocked"), instances=2, shared=True, lock_store="in_memory")
+    try:
+        yield stack.start()
+    finally:
+        stack.stop()
+
+
+def test_twenty_concurrent_triggers_on_two_unlocked_instances_send_one_template(unlocked_pair, wa_id):
+    pair = unlocked_pair
+    pair.customer_says(wa_id, {"button_reply": {"id": "/opt_in", "title": "Order updates"}})
+    pair.wait_outbound(wa_id, 1)
+    pair.rasa("POST", f"/conversations/{wa_id}/tracker/events?execute_side_effects=true&output_channel=whatsapp",
+              [{"event": "slot", "name": "order_id", "value": "10042"}, {"event": "slot", "name": "order_status", "value": "shipped"}])
+    pair.sim("POST", "clock", {"advance": 30 * HOUR})
+    pair.sim("PUT", "faults", {"responses": [{"delay": 1.0}] * 2})  # Meta is slow to answer
+
+    with ThreadPoolExecutor(max_workers=20) as pool:
+        list(pool.map(lambda n: trigger(pair, wa_id, n % 2), range(20)))
+    pair.sim("DELETE", "faults")
+
+    assert kinds(pair, wa_id) == ["text", "template"]
+    records = pair.window(wa_id, A)["records"]
+    assert [r["kind"] for r in records].count("template") == 1
