@@ -237,6 +237,9 @@ class CloudApiClient:
                 except ValueError:
                     body = await response.text()
                 if response.status >= 400:
+                    if response.status >= 500 and not idempotent and not _has_graph_error(body):
+                        # a proxy's or gateway's error page: Meta may have taken the message
+                        raise OutcomeUnknown(None, f"HTTP {response.status} without a Graph error")
                     raise GraphError.from_response(response.status, body)
                 return body
         except aiohttp.ClientConnectorError as error:  # never connected: nothing was sent
@@ -246,3 +249,7 @@ class CloudApiClient:
             if idempotent:
                 raise TransientError(None, what) from error
             raise OutcomeUnknown(None, f"no answer, Meta may have taken it ({what})") from error
+
+
+def _has_graph_error(body: Any) -> bool:
+    return isinstance(body, Mapping) and isinstance(body.get("error"), Mapping)

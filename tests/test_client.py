@@ -674,3 +674,28 @@ def test_pacer_rejects_nonsense():
         Pacer(customer_burst=0)
     with pytest.raises(ValueError):
         Pacer(messages_per_second=-1)
+
+
+async def test_a_gateway_error_page_on_a_send_is_an_unknown_outcome_but_retried_for_a_read(make_client, fake_time):
+    """A 502 page from a proxy proves nothing about whether Meta took the message."""
+    calls = []
+
+    async def gateway(request):
+        calls.append(request.method)
+        return web.Response(status=502, text="<html>Bad Gateway</html>", content_type="text/html")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", gateway)
+    runner, url = await _serve(app)
+    proxy = Sim(url, [])
+    try:
+        client = make_client(proxy, max_attempts=3)
+        with pytest.raises(OutcomeUnknown):
+            await client.send_message(CUSTOMER, {"type": "text", "text": {"body": "x"}})
+        assert calls == ["POST"]
+        with pytest.raises(TransientError):
+            await client.download_media("123")
+        assert calls == ["POST", "GET", "GET", "GET"]
+    finally:
+        await proxy.http.close()
+        await runner.cleanup()
