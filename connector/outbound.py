@@ -19,15 +19,15 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, replace
-from typing import Any, Awaitable, Callable, Dict, Iterable, Optional, Tuple
+from typing import Any, Awaitable, Callable, Dict, Iterable, List, Optional, Tuple
 
-from connector.care_state import SENT_STATUSES, CareState, CustomerState, OutboundRecord, unwrap
+from connector.care_state import SENT_STATUSES, CareState, CareStateBackend, CustomerState, OutboundRecord, unwrap
 from connector.config import ChannelConfig
 from connector.decisions import DecisionLog, masked
 from connector.errors import GraphError, OutcomeUnknown, ReEngagementRequired, meaning
 from connector.payloads import StatusUpdate
 from connector.render import Rendered, numbered_choice, render
-from connector.tracker_reads import last_inbound, latest_slots
+from connector.tracker_reads import TrackerReader
 from connector.window import Outbound, SendFreeForm, SendTemplate, Suppress, WindowFacts, decide
 
 logger = logging.getLogger(__name__)
@@ -82,21 +82,15 @@ class OutboundPath:
             facts = _facts(customer, in_flight_inbound_at)
             if facts.is_open(now, policy) and not always_read_slots:
                 return facts, {}, customer
-            tracker_store = unwrap(stores.tracker_store)
-            stored = await asyncio.to_thread(last_inbound, tracker_store, sender_id)
-            if stored is not None and (customer.last_inbound_at or 0) < stored[0]:
-                # a message the state missed (an upgrade, or a state write that failed)
-                await stores.state.note_inbound(sender_id, int(stored[0]), stored[1])
-                customer = replace(customer, last_inbound_at=int(stored[0]), reply_number=stored[1])
-                facts = _facts(customer, in_flight_inbound_at)
-            if facts.is_open(now, policy) and not always_read_slots:
-                return facts, {}, customer
-            window_of = int(facts.last_inbound_at or 0)
-            reserved = await stores.state.templates_reserved(sender_id, window_of)
-            values = await asyncio.to_thread(latest_slots, tracker_store, sender_id, [self.config.opt_in_slot, *slots])
+            reader = TrackerReader(unwrap(stores.tracker_store), sender_id)
+            names = [self.config.opt_in_slot, *slots]
+            # the rest in one worker-thread hop: the closed path costs a few queries, not a few hops
+            customer, reserved, values = await stores.state.run(
+                _closed_window_reads, stores.state.backend, reader, customer, in_flight_inbound_at, names)
         except Exception as error:
             logger.error("Care window state for %s unreadable: %s: %s", masked(sender_id), type(error).__name__, error)
             return WindowFacts(None, unknown=f"care window state unavailable ({type(error).__name__})"), {}, None
+        facts = _facts(customer, in_flight_inbound_at)
         opt_in = values.pop(self.config.opt_in_slot, None)
         if customer.opt_out_pending or self.opted_out(sender_id):
             opt_in = False
@@ -290,6 +284,20 @@ class OutboundPath:
         if not latest or not latest[0].choices or time.time() - latest[0].created_at > self.choices_seconds:
             return None
         return numbered_choice(typed, latest[0].choices)
+
+
+def _closed_window_reads(
+    backend: CareStateBackend, reader: TrackerReader, customer: CustomerState,
+    in_flight_inbound_at: Optional[float], slots: List[str],
+) -> Tuple[CustomerState, int, Dict[str, Any]]:
+    """Blocking. The tracker store, the source of truth, may know a later customer message than
+    the state (an upgrade, or a state write that failed): then the state learns it."""
+    stored = reader.last_inbound()
+    if stored is not None and (customer.last_inbound_at or 0) < stored[0]:
+        backend.note_inbound(customer.sender_id, int(stored[0]), stored[1])
+        customer = replace(customer, last_inbound_at=int(stored[0]), reply_number=stored[1])
+    window_of = int(_facts(customer, in_flight_inbound_at).last_inbound_at or 0)
+    return customer, backend.templates_reserved(customer.sender_id, window_of), reader.latest_slots(slots)
 
 
 def _facts(customer: CustomerState, in_flight_inbound_at: Optional[float]) -> WindowFacts:

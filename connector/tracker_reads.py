@@ -39,46 +39,54 @@ def _customer_message(event_data: Mapping[str, Any]) -> Optional[Tuple[float, Op
     return timestamp, str(number) if number else None
 
 
-def last_inbound(store: TrackerStore, sender_id: str) -> Optional[Tuple[float, Optional[str]]]:
-    """(WhatsApp timestamp, phone_number_id) of the customer's latest message, across sessions.
-    Blocking: call it in a worker thread."""
-    if isinstance(store, SQLTrackerStore):
-        for data in _sql_newest_first(store, sender_id, UserUttered.type_name):
-            message = _customer_message(data)
-            if message is not None:
-                return message
+class TrackerReader:
+    """One decision's reads of a customer's events. Blocking: call its methods in a worker thread.
+    Non-SQL stores are read whole, once for both reads."""
+
+    def __init__(self, store: TrackerStore, sender_id: str) -> None:
+        self.store = store
+        self.sender_id = sender_id
+        self._events: Optional[List[Any]] = None
+
+    def last_inbound(self) -> Optional[Tuple[float, Optional[str]]]:
+        """(WhatsApp timestamp, phone_number_id) of the customer's latest message, across sessions."""
+        if isinstance(self.store, SQLTrackerStore):
+            for data in _sql_newest_first(self.store, self.sender_id, UserUttered.type_name):
+                message = _customer_message(data)
+                if message is not None:
+                    return message
+            return None
+        for event in reversed(self._all_events()):
+            if isinstance(event, UserUttered):
+                message = _customer_message({"metadata": event.metadata})
+                if message is not None:
+                    return message
         return None
-    for event in reversed(_all_events(store, sender_id)):
-        if isinstance(event, UserUttered):
-            message = _customer_message({"metadata": event.metadata})
-            if message is not None:
-                return message
-    return None
 
-
-def latest_slots(store: TrackerStore, sender_id: str, names: Iterable[str]) -> Dict[str, Any]:
-    """The latest value each slot was set to, across sessions (a session reset does not undo a
-    customer's opt-in). Blocking: call it in a worker thread."""
-    wanted = set(names)
-    found: Dict[str, Any] = {}
-    if isinstance(store, SQLTrackerStore):
-        for name in wanted:  # Rasa stores a SlotSet's slot name in the action_name column
-            for data in _sql_newest_first(store, sender_id, SlotSet.type_name, action_name=name):
-                found[name] = data.get("value")
-                break
+    def latest_slots(self, names: Iterable[str]) -> Dict[str, Any]:
+        """The latest value each slot was set to, across sessions (a session reset does not undo a
+        customer's opt-in)."""
+        wanted = set(names)
+        found: Dict[str, Any] = {}
+        if isinstance(self.store, SQLTrackerStore):
+            for name in wanted:  # Rasa stores a SlotSet's slot name in the action_name column
+                for data in _sql_newest_first(self.store, self.sender_id, SlotSet.type_name, action_name=name):
+                    found[name] = data.get("value")
+                    break
+            return found
+        for event in reversed(self._all_events()):
+            if isinstance(event, SlotSet) and event.key in wanted and event.key not in found:
+                found[event.key] = event.value
+                if len(found) == len(wanted):
+                    break
         return found
-    for event in reversed(_all_events(store, sender_id)):
-        if isinstance(event, SlotSet) and event.key in wanted and event.key not in found:
-            found[event.key] = event.value
-            if len(found) == len(wanted):
-                break
-    return found
 
-
-def _all_events(store: TrackerStore, sender_id: str) -> List[Any]:
-    """Non-SQL stores (in-memory, Redis, Mongo...) are synchronous underneath their async API."""
-    tracker = asyncio.run(store.retrieve_full_tracker(sender_id))
-    return list(tracker.events) if tracker else []
+    def _all_events(self) -> List[Any]:
+        """Non-SQL stores (in-memory, Redis, Mongo...) are synchronous underneath their async API."""
+        if self._events is None:
+            tracker = asyncio.run(self.store.retrieve_full_tracker(self.sender_id))
+            self._events = list(tracker.events) if tracker else []
+        return self._events
 
 
 def _sql_newest_first(

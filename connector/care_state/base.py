@@ -73,44 +73,45 @@ class CareState:
         self.backend = backend
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="care-state")
 
-    async def _run(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    async def run(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Any blocking function on the state's threads, e.g. several backend calls in one hop."""
         return await asyncio.get_running_loop().run_in_executor(self._pool, partial(function, *args, **kwargs))
 
     async def create_schema(self) -> None:
-        await self._run(self.backend.create_schema)
+        await self.run(self.backend.create_schema)
 
     async def customer(self, sender_id: str) -> CustomerState:
-        return await self._run(self.backend.customer, sender_id)
+        return await self.run(self.backend.customer, sender_id)
 
     async def note_inbound(self, sender_id: str, timestamp: int, phone_number_id: Optional[str]) -> None:
-        await self._run(self.backend.note_inbound, sender_id, timestamp, phone_number_id)
+        await self.run(self.backend.note_inbound, sender_id, timestamp, phone_number_id)
 
     async def close_window(self, sender_id: str, inbound_at: int) -> None:
-        await self._run(self.backend.close_window, sender_id, inbound_at)
+        await self.run(self.backend.close_window, sender_id, inbound_at)
 
     async def set_opt_out_pending(self, sender_id: str, pending: bool) -> None:
-        await self._run(self.backend.set_opt_out_pending, sender_id, pending)
+        await self.run(self.backend.set_opt_out_pending, sender_id, pending)
 
     async def templates_reserved(self, sender_id: str, window_of: int) -> int:
-        return await self._run(self.backend.templates_reserved, sender_id, window_of)
+        return await self.run(self.backend.templates_reserved, sender_id, window_of)
 
     async def reserve_template(self, record: OutboundRecord, limit: int) -> bool:
-        return await self._run(self.backend.reserve_template, record, limit)
+        return await self.run(self.backend.reserve_template, record, limit)
 
     async def release_template(self, record: OutboundRecord) -> None:
-        await self._run(self.backend.release_template, record)
+        await self.run(self.backend.release_template, record)
 
     async def add_outbound(self, record: OutboundRecord) -> None:
-        await self._run(self.backend.add_outbound, record)
+        await self.run(self.backend.add_outbound, record)
 
     async def update_outbound(self, status: str, **fields: Any) -> Optional[OutboundRecord]:
-        return await self._run(self.backend.update_outbound, status, **fields)
+        return await self.run(self.backend.update_outbound, status, **fields)
 
     async def outbound(self, callback_id: str) -> Optional[OutboundRecord]:
-        return await self._run(self.backend.outbound, callback_id)
+        return await self.run(self.backend.outbound, callback_id)
 
     async def recent_outbound(self, sender_id: str, limit: int = 50) -> List[OutboundRecord]:
-        return await self._run(self.backend.recent_outbound, sender_id, limit)
+        return await self.run(self.backend.recent_outbound, sender_id, limit)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)
