@@ -16,7 +16,7 @@ from connector.care_state import CareState, backend_for
 from connector.client import CloudApiClient
 from connector.clock import SimulatorClock, SystemClock
 from connector.config import ChannelConfig
-from connector.decisions import DecisionLog, masked, outcome
+from connector.decisions import masked, outcome
 from connector.dedup import Deduplicator, dedup_key
 from connector.errors import GraphError
 from connector.inbound import rasa_metadata, rasa_text
@@ -94,13 +94,12 @@ class WhatsAppInput(InputChannel):
         pacer = Pacer(**{**pacing, "customer_burst": int(pacing["customer_burst"])})
         self.client = CloudApiClient(config, pacer=pacer, retry_budget_seconds=config.retry_budget_seconds)
         self.clock = SimulatorClock(config.simulator_clock_url) if config.simulator_clock_url else SystemClock()
-        self.decisions = DecisionLog()
         self.dedup = Deduplicator(config.redis_url or None)
         self.turns = PerSenderQueue()
         self.state: Optional[CareState] = None
         """Made at startup from Rasa's tracker store (see `open_state`)."""
         self.opt_outs = OptOuts(config.opt_in_slot, self._stores, self._lock)
-        self.outbound = OutboundPath(config, self.client, self.clock.now, self._stores, self.opt_outs.pending, self.decisions)
+        self.outbound = OutboundPath(config, self.client, self.clock.now, self._stores, self.opt_outs.pending)
         self.app: Optional[Sanic] = None
         self._ready = asyncio.Event()
         self._tasks: Set["asyncio.Task[None]"] = set()

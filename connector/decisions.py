@@ -1,9 +1,8 @@
-"""Every outbound decision as one structured log line and a counter, so that nothing the bot
-meant to say disappears without a trace (the care-window state keeps the records themselves)."""
+"""Every outbound decision as one structured log line, so that nothing the bot meant to say
+disappears without a trace (the care-window state keeps the records themselves)."""
 
 import json
 import logging
-from collections import Counter
 from typing import Optional
 
 from connector.care_state import OutboundRecord
@@ -21,18 +20,13 @@ def outcome(record: OutboundRecord) -> str:
     return record.status if record.status in ("failed", "unknown") else record.decision
 
 
-class DecisionLog:
-    def __init__(self) -> None:
-        self.counts: Counter = Counter()
-
-    def add(self, record: OutboundRecord) -> None:
-        kind = outcome(record)
-        self.counts[kind] += 1
-        line = {
-            "customer": masked(record.sender_id), "decision": kind, "response": record.response,
-            "template": record.template, "wamid": record.wamid, "callback_id": record.callback_id,
-            "code": record.error_code, "reason": record.reason, "window_of": record.window_of,
-            "fallback_of": record.fallback_of,
-        }
-        level = logging.INFO if kind in ("free_form", "template") else logging.WARNING
-        logger.log(level, "whatsapp.outbound %s", json.dumps({k: v for k, v in line.items() if v is not None}))
+def log_decision(record: OutboundRecord) -> None:
+    kind = outcome(record)
+    line = {
+        "customer": masked(record.sender_id), "decision": kind, "response": record.response,
+        "template": record.template, "wamid": record.wamid, "callback_id": record.callback_id,
+        "code": record.error_code, "reason": record.reason, "window_of": record.window_of,
+        "fallback_of": record.fallback_of,
+    }
+    level = logging.INFO if kind in ("free_form", "template") else logging.WARNING
+    logger.log(level, "whatsapp.outbound %s", json.dumps({k: v for k, v in line.items() if v is not None}))

@@ -23,7 +23,7 @@ from typing import Any, Awaitable, Callable, Dict, Iterable, List, Optional, Tup
 
 from connector.care_state import SENT_STATUSES, CareState, CareStateBackend, CustomerState, OutboundRecord, unwrap
 from connector.config import ChannelConfig
-from connector.decisions import DecisionLog, masked
+from connector.decisions import log_decision, masked
 from connector.errors import GraphError, OutcomeUnknown, ReEngagementRequired, meaning
 from connector.payloads import StatusUpdate
 from connector.render import Rendered, numbered_choice, render
@@ -49,7 +49,6 @@ class OutboundPath:
         now: Callable[[], Awaitable[float]],
         stores: Callable[[], Stores],
         opted_out: Callable[[str], bool],
-        decisions: DecisionLog,
         status_wait_seconds: float = 10.0,
         choices_seconds: float = 3600.0,
     ) -> None:
@@ -59,7 +58,6 @@ class OutboundPath:
         self.stores = stores
         self.opted_out = opted_out
         """Whether an opt-out of the channel's own is not yet in the tracker store."""
-        self.decisions = decisions
         self.status_wait_seconds = status_wait_seconds
         self.choices_seconds = choices_seconds
 
@@ -161,7 +159,7 @@ class OutboundPath:
                 return
             if wamid is None:  # a status webhook resolves it (or already did)
                 continue
-            self.decisions.add(replace(record, wamid=wamid, status="accepted"))
+            log_decision(replace(record, wamid=wamid, status="accepted"))
 
     async def _send_resolving_unknown(self, record: OutboundRecord, part: Dict[str, Any], number: Optional[str]) -> Optional[str]:
         """The wamid; None when the answer was lost and the status webhooks settle it. A lost
@@ -177,7 +175,7 @@ class OutboundPath:
                 if status is not None:
                     return None
                 if attempt == 2:
-                    self.decisions.add(replace(record, status="unknown", reason=error.message))
+                    log_decision(replace(record, status="unknown", reason=error.message))
                     return None
                 continue
             await self._best_effort(
@@ -215,18 +213,18 @@ class OutboundPath:
                                                    callback_id=record.callback_id)
         except OutcomeUnknown as error:  # stays reserved: never sent twice; its status settles it
             await self._best_effort(state.update_outbound("unknown", callback_id=record.callback_id), "mark unknown", record)
-            self.decisions.add(replace(record, status="unknown", reason=error.message))
+            log_decision(replace(record, status="unknown", reason=error.message))
             return
         except GraphError as error:  # Meta answered: it did not take the template
             await self._best_effort(state.release_template(record), "release the reservation of", record)
             await self._failed(record, error)
             return
         await self._best_effort(state.update_outbound("accepted", callback_id=record.callback_id, wamid=wamid), "store the wamid of", record)
-        self.decisions.add(replace(record, wamid=wamid, status="accepted"))
+        log_decision(replace(record, wamid=wamid, status="accepted"))
 
     async def _suppress(self, base: OutboundRecord, reason: str) -> None:
         record = _new(base, decision="suppressed", status="suppressed", reason=reason)
-        self.decisions.add(record)  # logged even when the state cannot take it
+        log_decision(record)  # logged even when the state cannot take it
         await self._best_effort(self.stores().state.add_outbound(record), "store the suppression of", record)
 
     async def _failed(self, record: OutboundRecord, error: GraphError) -> None:
@@ -234,7 +232,7 @@ class OutboundPath:
         await self._best_effort(
             self.stores().state.update_outbound("failed", callback_id=record.callback_id, error_code=error.code, reason=reason),
             "store the failure of", record)
-        self.decisions.add(replace(record, status="failed", error_code=error.code, reason=reason))
+        log_decision(replace(record, status="failed", error_code=error.code, reason=reason))
 
     async def _best_effort(self, write: Awaitable[Any], what: str, record: OutboundRecord) -> None:
         try:
@@ -263,7 +261,7 @@ class OutboundPath:
         record = await state.update_outbound(status.status, **kwargs)
         if record is None or not failed:
             return
-        self.decisions.add(record)
+        log_decision(record)
         if record.decision == "template":
             await state.release_template(record)
         if isinstance(error, ReEngagementRequired) and record.decision == "free_form":
