@@ -258,7 +258,7 @@ class Bench:
         config = ChannelConfig(access_token="x", phone_number_id="1", app_secret="x", verify_token="x",
                                templates=book, care_window=POLICY)
         return OutboundPath(config, client=None, now=_now, stores=lambda: Stores(self.state, self.store),
-                            opted_out=lambda sender_id: False)
+                            opted_out=lambda customer: False)
 
 
 async def _now() -> float:

@@ -99,7 +99,7 @@ class WhatsAppInput(InputChannel):
         self.state: Optional[CareState] = None
         """Made at startup from Rasa's tracker store (see `open_state`)."""
         self.opt_outs = OptOuts(config.opt_in_slot, self._stores, self._lock)
-        self.outbound = OutboundPath(config, self.client, self.clock.now, self._stores, self.opt_outs.pending)
+        self.outbound = OutboundPath(config, self.client, self.clock.now, self._stores, self.opt_outs.counts_as_opted_out)
         self.app: Optional[Sanic] = None
         self._ready = asyncio.Event()
         self._tasks: Set["asyncio.Task[None]"] = set()

@@ -10,7 +10,7 @@ from typing import Any, AsyncContextManager, Callable, Dict, Set
 
 from rasa.shared.core.events import SlotSet
 
-from connector.care_state import unwrap
+from connector.care_state import CustomerState, unwrap
 from connector.decisions import masked
 from connector.outbound import Stores
 from connector.tracker_reads import off_loop
@@ -36,9 +36,14 @@ class OptOuts:
         self._unsaved: Set[str] = set()
         self._retries: Dict[str, "asyncio.Task[None]"] = {}
 
-    def pending(self, sender_id: str) -> bool:
-        """An opt-out of this process not yet stored everywhere (the state may be down too)."""
-        return sender_id in self._unsaved
+    def counts_as_opted_out(self, customer: CustomerState) -> bool:
+        """An opt-out not yet stored everywhere: this process's (the state may be down too), or
+        one the state flags that another process, or this one before a restart, did not finish:
+        that one is finished from here."""
+        if customer.opt_out_pending:
+            self._unsaved.add(customer.sender_id)
+            self._retry_soon(customer.sender_id)
+        return customer.sender_id in self._unsaved
 
     async def opt_out(self, sender_id: str, why: str) -> None:
         self._unsaved.add(sender_id)
@@ -46,6 +51,9 @@ class OptOuts:
             logger.info("Customer %s opted out (%s)", masked(sender_id), why)
             return
         logger.warning("Customer %s opted out (%s); not stored yet, retrying in the background", masked(sender_id), why)
+        self._retry_soon(sender_id)
+
+    def _retry_soon(self, sender_id: str) -> None:
         if sender_id not in self._retries:
             task = asyncio.get_running_loop().create_task(self._retry(sender_id))
             self._retries[sender_id] = task

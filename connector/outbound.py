@@ -48,7 +48,7 @@ class OutboundPath:
         client: Any,
         now: Callable[[], Awaitable[float]],
         stores: Callable[[], Stores],
-        opted_out: Callable[[str], bool],
+        opted_out: Callable[[CustomerState], bool],
         status_wait_seconds: float = 10.0,
         choices_seconds: float = 3600.0,
     ) -> None:
@@ -57,7 +57,7 @@ class OutboundPath:
         self.now = now
         self.stores = stores
         self.opted_out = opted_out
-        """Whether an opt-out of the channel's own is not yet in the tracker store."""
+        """Whether an opt-out of the channel's own is not yet in the tracker store (opt_out.py)."""
         self.status_wait_seconds = status_wait_seconds
         self.choices_seconds = choices_seconds
 
@@ -90,7 +90,7 @@ class OutboundPath:
             return WindowFacts(None, unknown=f"care window state unavailable ({type(error).__name__})"), {}, None
         facts = _facts(customer, in_flight_inbound_at)
         opt_in = values.pop(self.config.opt_in_slot, None)
-        if customer.opt_out_pending or self.opted_out(sender_id):
+        if self.opted_out(customer):
             opt_in = False
         return replace(facts, templates_sent=reserved, opt_in=opt_in if isinstance(opt_in, bool) else None), values, customer
 

@@ -4,6 +4,7 @@
 Rasa's `handle_message` would get. The end-to-end tests drive the real Agent.
 """
 
+import asyncio
 import json
 import uuid
 
@@ -232,3 +233,22 @@ async def test_replies_leave_from_the_number_the_customer_wrote_to(app, channel)
     (message,) = await delivered(app, channel)
     assert message.output_channel.phone_number_id == "222222222222222"
     assert channel.state.backend.customer("16315551181").reply_number == "222222222222222"
+
+
+async def test_an_opt_out_a_previous_process_left_unfinished_is_finished_here(app, channel):
+    """The state says an opt-out is pending (its process died before the tracker held it): the
+    customer counts as opted out, and this process writes the slot and clears the flag."""
+    await channel.open_state(app)
+    channel.opt_outs.retry_seconds = (0.01,)
+    channel.state.backend.note_inbound("16315551181", 1_700_000_000, "106540352242922")
+    channel.state.backend.set_opt_out_pending("16315551181", True)
+    facts, _, _ = await channel.outbound.facts("16315551181", now=1_700_000_000 + 30 * 3600)
+    assert facts.opt_in is False
+    for _ in range(100):
+        if not channel.state.backend.customer("16315551181").opt_out_pending:
+            break
+        await asyncio.sleep(0.02)
+    tracker = await app.ctx.agent.tracker_store.retrieve("16315551181")
+    assert [(e.key, e.value) for e in tracker.events if e.type_name == "slot"] == [("whatsapp_opt_in", False)]
+    assert not channel.state.backend.customer("16315551181").opt_out_pending
+    assert not channel.opt_outs.counts_as_opted_out(channel.state.backend.customer("16315551181"))
