@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.stack import Stack
+from tests.stack import Stack, new_wa_id
 
 pytestmark = [pytest.mark.e2e, pytest.mark.services]
 
@@ -94,7 +94,11 @@ def test_twenty_concurrent_triggers_on_two_unlocked_instances_send_one_template(
     pair.rasa("POST", f"/conversations/{wa_id}/tracker/events?execute_side_effects=true&output_channel=whatsapp",
               [{"event": "slot", "name": "order_id", "value": "10042"}, {"event": "slot", "name": "order_status", "value": "shipped"}])
     pair.sim("POST", "clock", {"advance": 30 * HOUR})
-    pair.sim("PUT", "faults", {"responses": [{"delay": 1.0}] * 2})  # Meta is slow to answer
+    for instance in (A, B):  # a process's first prediction is slow: it would keep them apart
+        trigger(pair, new_wa_id(), instance)
+    # Meta is slow to answer the first send: a design that records the template only once it is
+    # sent lets the other instance's decisions during those 2 s send a second one.
+    pair.sim("PUT", "faults", {"responses": [{"delay": 2.0}]})
 
     with ThreadPoolExecutor(max_workers=20) as pool:
         list(pool.map(lambda n: trigger(pair, wa_id, n % 2), range(20)))
