@@ -6,7 +6,8 @@ record here, and so do the fallbacks that Meta's 131047 calls for.
   source of truth, is asked for the customer's last message before anything is suppressed.
 - A template goes out only after a conditional write reserved one of the lapsed window's slots.
   Reserved before the send, so a crash, a timeout or a second instance never sends another.
-- Every message carries its record's callback id in `biz_opaque_callback_data`. A send whose
+- Every message carries its record's callback id in `biz_opaque_callback_data`, so its status
+  webhooks find the record (and give it its wamid) without a second write per send. A send whose
   answer was lost stays reserved (a template) or waits a bounded time for its status (free-form)
   before it is sent again, so it is neither lost nor doubled.
 - A `failed` status with 131047 closes the window that message answered and delivers the same
@@ -178,9 +179,7 @@ class OutboundPath:
                     log_decision(replace(record, status="unknown", reason=error.message))
                     return None
                 continue
-            await self._best_effort(
-                state.update_outbound("accepted", callback_id=record.callback_id, wamid=wamid), "store the wamid of", record)
-            return wamid
+            return wamid  # the record learns it from Meta's `sent` status (found by callback id)
         return None
 
     async def _wait_for_status(self, callback_id: str) -> Optional[str]:
@@ -219,7 +218,6 @@ class OutboundPath:
             await self._best_effort(state.release_template(record), "release the reservation of", record)
             await self._failed(record, error)
             return
-        await self._best_effort(state.update_outbound("accepted", callback_id=record.callback_id, wamid=wamid), "store the wamid of", record)
         log_decision(replace(record, wamid=wamid, status="accepted"))
 
     async def _suppress(self, base: OutboundRecord, reason: str) -> None:

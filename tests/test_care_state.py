@@ -16,7 +16,7 @@ from connector.care_state import CareState, OutboundRecord, UnsupportedTrackerSt
 from connector.care_state.sql import SchemaError, SqlBackend
 from tests.services import postgres_settings, redis_settings
 
-KINDS = ["memory", "sqlite", pytest.param("postgresql", marks=pytest.mark.services),
+KINDS = ["memory", "sqlite", "sqlite, no upsert", pytest.param("postgresql", marks=pytest.mark.services),
          pytest.param("redis", marks=pytest.mark.services)]
 
 
@@ -24,7 +24,7 @@ def tracker_store(kind, tmp_path):
     domain = Domain.empty()
     if kind == "memory":
         return InMemoryTrackerStore(domain)
-    if kind == "sqlite":
+    if kind.startswith("sqlite"):
         return SQLTrackerStore(domain, dialect="sqlite", db=str(tmp_path / "state.db"))
     if kind == "postgresql":
         return SQLTrackerStore(domain, **postgres_settings())
@@ -34,6 +34,8 @@ def tracker_store(kind, tmp_path):
 @pytest.fixture(params=KINDS)
 def backend(request, tmp_path):
     backend = backend_for(tracker_store(request.param, tmp_path))
+    if request.param == "sqlite, no upsert":  # the path for databases without ON CONFLICT (MySQL)
+        backend.on_conflict = None
     backend.create_schema()
     backend.create_schema()  # a second start finds everything in place
     return backend

@@ -11,6 +11,7 @@ import logging
 from typing import Any, Dict, List, Optional
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.schema import CreateIndex, CreateTable
 
@@ -67,6 +68,9 @@ EVENT_INDEXES = {
 }
 
 
+_ON_CONFLICT = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}
+
+
 class SchemaError(RuntimeError):
     """The state's tables are missing and could not be created."""
 
@@ -82,6 +86,8 @@ class SqlBackend(CareStateBackend):
     def __init__(self, engine: sa.engine.Engine, events_table: Optional[sa.Table] = None) -> None:
         self.engine = engine
         self.events_table = events_table
+        self.on_conflict = _ON_CONFLICT.get(engine.dialect.name)
+        """The dialect's INSERT ... ON CONFLICT, if it has one (None: UPDATE, then INSERT)."""
 
     def create_schema(self) -> None:
         try:
@@ -116,7 +122,15 @@ class SqlBackend(CareStateBackend):
                              bool(row.opt_out_pending))
 
     def _upsert(self, sender_id: str, values: Dict[str, Any], condition: Any = None) -> None:
-        """UPDATE where the condition holds; INSERT if the customer has no row yet."""
+        """UPDATE where the condition holds; INSERT if the customer has no row yet. One statement
+        where the database has INSERT ... ON CONFLICT (SQLite, PostgreSQL): one commit, which is
+        what a write costs on SQLite."""
+        if self.on_conflict is not None:
+            statement = self.on_conflict(customers).values(**{"sender_id": sender_id, "opt_out_pending": False, **values})
+            with self.engine.begin() as connection:
+                connection.execute(statement.on_conflict_do_update(
+                    index_elements=[customers.c.sender_id], set_=values, where=condition))
+            return
         where = customers.c.sender_id == sender_id
         statement = sa.update(customers).where(where if condition is None else sa.and_(where, condition))
         for _ in range(2):
@@ -127,7 +141,7 @@ class SqlBackend(CareStateBackend):
                     return  # the row exists and the condition says no
             try:
                 with self.engine.begin() as connection:
-                    connection.execute(sa.insert(customers).values(sender_id=sender_id, opt_out_pending=False, **values))
+                    connection.execute(sa.insert(customers).values(**{"sender_id": sender_id, "opt_out_pending": False, **values}))
                 return
             except IntegrityError:  # another writer inserted it first: update theirs
                 continue
