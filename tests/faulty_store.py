@@ -1,6 +1,6 @@
 """Rasa's SQL tracker store whose database fails on demand, for `rasa run` in the fault tests:
 while the file named by STORE_FAULTS_FILE says so, statements touching a table raise the error a
-database that went away raises. Rasa's own calls and the channel's state share the engine, so the
+database that went away raises (`table` is matched as text in the SQL). Rasa's own calls and the channel's state share the engine, so the
 fault hits both, as a real outage would."""
 
 import json

@@ -183,7 +183,8 @@ class Stack:
 
     def fail_store(self, table: str, count: int = 1, off_loop_only: bool = False) -> None:
         """With `tracker_store="tests.faulty_store.FaultySQLTrackerStore"`: the next `count`
-        statements on `table` fail as a database error (-1: until `heal_store`)."""
+        statements whose SQL contains `table` (a table name, or e.g. "INSERT INTO x") fail as a
+        database error (-1: until `heal_store`)."""
         self.fault_file.write_text(json.dumps({"table": table, "count": count, "off_loop_only": off_loop_only}))
 
     def heal_store(self) -> None:

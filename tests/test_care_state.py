@@ -170,3 +170,16 @@ def test_another_tracker_store_is_refused_naming_the_setting():
 
     with pytest.raises(UnsupportedTrackerStore, match="tracker_store: type:"):
         backend_for(MongoLike())
+
+
+def test_events_indexes_it_may_not_create_are_a_warning_not_a_failure(tmp_path, caplog):
+    store = tracker_store("sqlite", tmp_path)
+
+    def refuse(conn, cursor, statement, *_):
+        if "CREATE INDEX ix_events_whatsapp" in statement:
+            raise sa.exc.OperationalError(statement, None, Exception("permission denied"))
+
+    sa.event.listen(store.engine, "before_cursor_execute", refuse)
+    backend_for(store).create_schema()
+    assert "Could not create index ix_events_whatsapp_window" in caplog.text
+    assert sa.inspect(store.engine).has_table("whatsapp_outbound")

@@ -216,3 +216,19 @@ def test_rasa_run_refuses_to_start_when_the_state_tables_cannot_be_created(tmp_p
         assert "care-window tables could not be created" in log and "CREATE TABLE whatsapp_customers" in log
     finally:
         broken.stop()
+
+
+def test_a_reservation_that_cannot_be_written_suppresses_and_no_ledger_tracker_appears(stack, wa_id):
+    import sqlite3
+
+    opted_in_with_an_order_in_the_slots(stack, wa_id)
+    stack.sim("POST", "clock", {"advance": 30 * HOUR})
+    stack.fail_store("INSERT INTO whatsapp_template_reservations", 1)  # the read works, the write fails
+    push_events(stack, wa_id, [ORDER_UPDATE])
+    assert "reservation could not be written" in records(stack, wa_id)[-1]["reason"]
+    assert templates_at_the_simulator(stack, wa_id) == 0  # suppressed, never sent
+    push_events(stack, wa_id, [ORDER_UPDATE])  # the slot was never taken: the template goes out
+    assert stack.wait_outbound(wa_id, 2)[-1]["type"] == "template"
+    with sqlite3.connect(stack.workdir / "tracker.db") as db:  # the state is not a conversation
+        senders = [row[0] for row in db.execute("SELECT DISTINCT sender_id FROM events")]
+    assert senders and not [s for s in senders if not s[:1].isdigit()]
