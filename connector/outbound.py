@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Awaitable, Callable, Dict, Iterable, List, Optional, Tuple
 
 from connector.care_state import SENT_STATUSES, CareState, CareStateBackend, CustomerState, OutboundRecord, unwrap
+from connector.care_state.records import dump_json
 from connector.config import ChannelConfig
 from connector.decisions import log_decision, masked
 from connector.errors import GraphError, OutcomeUnknown, ReEngagementRequired, meaning
@@ -307,4 +308,4 @@ def _new(base: OutboundRecord, **changes: Any) -> OutboundRecord:
 
 def _jsonable(message: Dict[str, Any]) -> Dict[str, Any]:
     """The bot message as kept for a fallback: JSON values only."""
-    return json.loads(json.dumps(message, default=str))
+    return json.loads(dump_json(message))
