@@ -103,10 +103,11 @@ class SqlBackend(CareStateBackend):
     def _index_events(self) -> None:
         """Only speed: without the rights to create them the reads are correct, just slower."""
         existing = {index["name"] for index in sa.inspect(self.engine).get_indexes(self.events_table.name)}
+        events = self.events_table.to_metadata(sa.MetaData())  # never add to Rasa's own table
         for name, columns in EVENT_INDEXES.items():
             if name in existing:
                 continue
-            index = sa.Index(name, *(self.events_table.c[column] for column in columns))
+            index = sa.Index(name, *(events.c[column] for column in columns))
             try:
                 index.create(self.engine)
             except sa.exc.SQLAlchemyError as error:
