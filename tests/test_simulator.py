@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from typing import Any, Awaitable, Callable, Dict, List, Optional
+from collections import deque
+from typing import Any, Awaitable, Callable, Deque, Dict, List, Optional, Union
 
 import aiohttp
 import pytest
@@ -14,7 +15,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from connector.signature import is_valid
-from connector.simulator import Settings, create_app
+from connector.simulator import Settings, SettingsError, create_app
 from connector.simulator import cli
 
 TOKEN = "test-access-token"
@@ -23,7 +24,11 @@ SECRET = "test-app-secret"
 DISPLAY = "15550001234"
 CUSTOMER = "4915112345678"
 OTHER = "4915187654321"
+EXTRA = "106540352240001"  # a second business number of the same app
+EXTRA_DISPLAY = "15550000001"
 DAY = 24 * 60 * 60
+FAST = (0.05, 0.05, 0.05)  # redeliver_delays for tests: Meta's backoff, in milliseconds
+STALL = 0.5  # a bot answer this late times out a simulator with webhook_timeout=0.2
 
 
 class Bot:
@@ -32,9 +37,20 @@ class Bot:
     def __init__(self) -> None:
         self.posts: List[Dict[str, Any]] = []
         self.on_message: Optional[Callable[[Dict[str, Any]], Awaitable[None]]] = None
+        self.answers: Deque[Union[int, str]] = deque()  # for the next valid posts: a status, or "stall" (a timeout)
+        self.hold = 0.0  # seconds every post is held, so concurrency shows in max_in_flight
+        self.in_flight = self.max_in_flight = 0
         self._changed = asyncio.Event()
 
     async def handle(self, request: web.Request) -> web.Response:
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            return await self._handle(request)
+        finally:
+            self.in_flight -= 1
+
+    async def _handle(self, request: web.Request) -> web.Response:
         raw = await request.read()
         header = request.headers.get("X-Hub-Signature-256")
         valid = header is not None and is_valid(raw, header, SECRET)
@@ -43,6 +59,12 @@ class Bot:
         self._changed.set()
         if not valid:
             return web.json_response({"error": "bad signature"}, status=403)
+        await asyncio.sleep(self.hold)
+        answer = self.answers.popleft() if self.answers else 200
+        if answer == "stall":
+            await asyncio.sleep(STALL)
+        elif answer != 200:
+            return web.json_response({"error": "not now"}, status=answer)
         if self.on_message is not None:
             for message in self.messages_in(body):
                 await self.on_message(message)
@@ -131,6 +153,15 @@ async def conversation(sim: TestClient, wa_id: str = CUSTOMER) -> Dict[str, Any]
     resp = await sim.get(f"/_sim/conversations/{wa_id}")
     assert resp.status == 200
     return await resp.json()
+
+
+async def settled(sim: TestClient, timeout: float = 5.0) -> Dict[str, Any]:
+    """The stats once no redelivery is pending any more (each lands after the bot's answer)."""
+    deadline = time.monotonic() + timeout
+    while (s := await stats(sim))["pending_redeliveries"]:
+        assert time.monotonic() < deadline, f"redeliveries still pending: {s}"
+        await asyncio.sleep(0.01)
+    return s
 
 
 def text(body: str, to: str = CUSTOMER) -> Dict[str, Any]:
@@ -334,8 +365,8 @@ async def test_message_kinds_and_username_customers(sim, bot):
     assert bot.statuses()[0]["recipient_user_id"] == "US.13491208655302741918"
 
 
-async def test_unreachable_bot_is_502_and_not_recorded(make_sim):
-    dead = await make_sim(bot_webhook_url="http://127.0.0.1:9/webhook")
+async def test_unreachable_bot_without_redelivery_is_502_and_not_recorded(make_sim):
+    dead = await make_sim(bot_webhook_url="http://127.0.0.1:9/webhook", redeliver_delays=())
     resp = await dead.post(f"/_sim/customers/{CUSTOMER}/messages", json={"text": "hi"})
     assert resp.status == 502
     assert "not delivered" in (await resp.json())["error"]
@@ -402,6 +433,7 @@ async def test_free_form_in_window_gets_sent_delivered_read(sim, bot):
     assert out["payload"] == text("Hello!")
     assert await stats(sim) == {
         "accepted": 1, "rejected": {}, "window_violations": 0, "webhooks_sent": 4, "webhook_failures": 0,
+        "redeliveries": 0, "webhooks_refused": {}, "pending_redeliveries": 0,
         "inbound_messages": 1, "statuses_sent": 3, "marked_read": 0, "faults_served": 0,
     }
 
@@ -603,6 +635,7 @@ async def test_clock_and_reset(sim, bot):
     assert (await (await sim.get("/_sim/conversations")).json())["conversations"] == []
     assert await stats(sim) == {
         "accepted": 0, "rejected": {}, "window_violations": 0, "webhooks_sent": 0, "webhook_failures": 0,
+        "redeliveries": 0, "webhooks_refused": {}, "pending_redeliveries": 0,
         "inbound_messages": 0, "statuses_sent": 0, "marked_read": 0, "faults_served": 0,
     }
     assert (await (await sim.get("/_sim/clock")).json())["offset"] == 0
@@ -649,3 +682,229 @@ async def test_control_api_rejects_bad_input_without_side_effects(sim, bot):
     assert (await sim.get(f"/_sim/conversations/{CUSTOMER}")).status == 404
     assert (await (await sim.get("/_sim/faults")).json())["responses"] == []
     assert bot.posts == []
+
+
+# --- redelivery (Meta retries a webhook until the bot answers 2xx) -----------------------------
+
+
+async def test_refused_customer_message_is_redelivered_byte_identical_until_taken(make_sim, bot):
+    sim = await make_sim(redeliver_delays=FAST)
+    bot.answers.extend([503, 500])
+    played = await customer_says(sim, text="where is my order?")
+    assert played["webhook_status"] == 503 and played["redelivery"] == "queued"
+    await bot.wait_for(lambda: len(bot.posts) == 3)
+    assert all(p["valid"] for p in bot.posts)
+    assert len({p["raw"] for p in bot.posts}) == 1  # the same bytes, re-signed
+    assert [m["id"] for m in bot.messages()] == [played["wamid"]] * 3
+    s = await settled(sim)
+    (inbound,) = (await conversation(sim))["messages"]
+    assert (inbound["webhook_status"], inbound["delivery_attempts"]) == (200, 3)
+    assert (s["webhooks_sent"], s["webhook_failures"], s["redeliveries"]) == (3, 2, 2)
+    assert (s["webhooks_refused"], s["inbound_messages"]) == ({"500": 1, "503": 1}, 1)
+    assert len(bot.posts) == 3  # taken: no further attempt
+
+
+async def test_redelivery_gives_up_after_the_last_delay(make_sim, bot):
+    sim = await make_sim(redeliver_delays=(0.02, 0.02))
+    bot.answers.extend([500] * 10)
+    resp = await sim.post("/_sim/batch", json={"messages": [{"wa_id": CUSTOMER, "text": "a"}, {"wa_id": OTHER, "text": "b"}]})
+    assert (await resp.json())["redelivery"] == "queued"
+    s = await settled(sim)
+    assert len(bot.posts) == 3 and len({p["raw"] for p in bot.posts}) == 1
+    assert (s["redeliveries"], s["webhooks_refused"], s["webhook_failures"]) == (2, {"500": 3}, 3)
+    for wa_id in (CUSTOMER, OTHER):
+        (inbound,) = (await conversation(sim, wa_id))["messages"]
+        assert (inbound["webhook_status"], inbound["delivery_attempts"]) == (500, 3)
+
+
+async def test_unreachable_or_timed_out_bot_keeps_the_message_and_gets_it_later(make_sim, bot):
+    sim = await make_sim(redeliver_delays=FAST, webhook_timeout=0.2, statuses=())
+    bot.answers.extend(["stall", "stall"])
+    played = await customer_says(sim)
+    assert played["webhook_status"] is None and played["redelivery"] == "queued"
+    conv = await conversation(sim)
+    assert conv["window_open"] and conv["messages"][0]["delivery_attempts"] == 1  # Meta has it: not rolled back
+    assert (await send(sim, text("we hear you")))[0] == 200
+    s = await settled(sim)
+    inbound = (await conversation(sim))["messages"][0]
+    assert (inbound["webhook_status"], inbound["delivery_attempts"]) == (200, 3)
+    assert [m["id"] for m in bot.messages()] == [played["wamid"]] * 3
+    assert (s["webhooks_refused"], s["webhook_failures"], s["redeliveries"]) == ({"unreachable": 2}, 2, 2)
+    assert (s["window_violations"], s["inbound_messages"]) == (0, 1)
+
+
+async def test_dead_bot_with_redelivery_is_recorded_and_reset_drops_the_retries(make_sim):
+    dead = await make_sim(bot_webhook_url="http://127.0.0.1:9/webhook")  # Meta's default backoff: 1 s first
+    played = await customer_says(dead)
+    assert played["webhook_status"] is None and played["redelivery"] == "queued"
+    assert (await conversation(dead))["messages"][0]["webhook_status"] is None
+    s = await stats(dead)
+    assert (s["pending_redeliveries"], s["webhooks_refused"], s["inbound_messages"]) == (1, {"unreachable": 1}, 1)
+    assert (await dead.post("/_sim/reset")).status == 200
+    assert (await stats(dead))["pending_redeliveries"] == 0  # the retry task is gone: it can post nothing
+
+
+async def test_reset_waits_for_a_redelivery_on_the_wire_and_counts_nothing_new(make_sim, bot):
+    sim = await make_sim(redeliver_delays=(0.01, 0.01), webhook_timeout=2)
+    bot.answers.extend([503, "stall"])
+    await customer_says(sim)
+    await bot.wait_for(lambda: len(bot.posts) == 2)  # the redelivery is being held by the bot
+    assert (await sim.post("/_sim/reset")).status == 200
+    s = await stats(sim)
+    assert (s["pending_redeliveries"], s["redeliveries"], s["webhooks_sent"], s["webhooks_refused"]) == (0, 0, 0, {})
+    assert len(bot.posts) == 2
+
+
+async def test_status_webhooks_are_redelivered_without_holding_up_the_others(make_sim, bot):
+    sim = await make_sim(redeliver_delays=(0.3,))
+    await customer_says(sim)
+    bot.answers.append(503)  # the "sent" status
+    status, body = await send(sim, text("Hello!"))
+    assert status == 200
+    await bot.wait_for(lambda: len(bot.statuses()) == 4)
+    assert [s["status"] for s in bot.statuses()] == ["sent", "delivered", "read", "sent"]
+    assert bot.posts[1]["raw"] == bot.posts[4]["raw"] and bot.posts[4]["valid"]
+    s = await settled(sim)
+    assert (s["statuses_sent"], s["redeliveries"], s["webhooks_refused"], s["webhook_failures"]) == (3, 1, {"503": 1}, 1)
+
+
+async def test_redeliver_delays_are_a_runtime_knob_until_reset(sim, bot):
+    assert (await (await sim.get("/_sim/config")).json())["redeliver_delays"] == [1, 2, 4, 8, 15, 30, 60]
+    for value, expected in (("0.5,1", [0.5, 1]), ([0.02], [0.02]), ("", []), ([], [])):
+        resp = await sim.post("/_sim/config", json={"redeliver_delays": value})
+        assert resp.status == 200 and (await resp.json())["redeliver_delays"] == expected
+    for bad in ("soon", [-1], ["1"], [True], 5):
+        assert (await sim.post("/_sim/config", json={"redeliver_delays": bad})).status == 400
+    bot.answers.append(503)
+    played = await customer_says(sim)  # redelivery off: refused once, and that is all
+    assert played["webhook_status"] == 503 and "redelivery" not in played
+    assert (await stats(sim))["pending_redeliveries"] == 0
+    await sim.post("/_sim/reset")
+    assert (await (await sim.get("/_sim/config")).json())["redeliver_delays"] == [1, 2, 4, 8, 15, 30, 60]
+
+
+def test_cli_redelivery_and_extra_numbers_flags_and_env(monkeypatch, capsys):
+    base = ["serve", "--access-token", "t", "--phone-number-id", "1", "--app-secret", "s"]
+    monkeypatch.delenv("SIM_REDELIVER_DELAYS", raising=False)
+    monkeypatch.delenv("SIM_EXTRA_PHONE_NUMBER_IDS", raising=False)
+    settings = cli.settings_from_args(cli.parse_args(base))
+    assert (settings.redeliver_delays, settings.phone_number_ids) == ((1, 2, 4, 8, 15, 30, 60), ())
+    settings = cli.settings_from_args(cli.parse_args(base + ["--redeliver-delays", "0.5,1,2", "--extra-phone-number-ids", "2, 3"]))
+    assert (settings.redeliver_delays, settings.phone_number_ids) == ((0.5, 1.0, 2.0), ("2", "3"))
+    assert cli.settings_from_args(cli.parse_args(base + ["--redeliver-delays", ""])).redeliver_delays == ()
+    monkeypatch.setenv("SIM_REDELIVER_DELAYS", "none")
+    monkeypatch.setenv("SIM_EXTRA_PHONE_NUMBER_IDS", "7")
+    settings = cli.settings_from_args(cli.parse_args(base))
+    assert (settings.redeliver_delays, settings.phone_number_ids, settings.business_numbers) == ((), ("7",), ("1", "7"))
+    assert cli.main(base + ["--redeliver-delays", "1,soon"]) == 2
+    assert "redeliver_delays" in capsys.readouterr().err
+    assert cli.main(base + ["--extra-phone-number-ids", "1"]) == 2
+    assert "phone_number_ids" in capsys.readouterr().err
+
+
+# --- several business numbers ----------------------------------------------------------------
+
+
+async def test_customers_write_to_several_business_numbers(make_sim, bot):
+    sim = await make_sim(phone_number_ids=(EXTRA,))
+    config = await (await sim.get("/_sim/config")).json()
+    assert config["phone_number_ids"] == [EXTRA]
+    assert config["display_phone_numbers"] == {PNID: DISPLAY, EXTRA: EXTRA_DISPLAY}
+    await customer_says(sim, text="main")
+    played = await customer_says(sim, text="extra", phone_number_id=EXTRA, context={"id": "wamid.prev"})
+    await customer_says(sim, OTHER, text="another bot's number", phone_number_id="999000111222")  # allowed in webhooks
+    metas = [bot.values_in(p["body"])[0]["metadata"] for p in bot.posts]
+    assert metas == [
+        {"display_phone_number": DISPLAY, "phone_number_id": PNID},
+        {"display_phone_number": EXTRA_DISPLAY, "phone_number_id": EXTRA},
+        {"display_phone_number": "15550001222", "phone_number_id": "999000111222"},
+    ]
+    assert bot.messages()[1]["context"] == {"id": "wamid.prev", "from": EXTRA_DISPLAY}
+    assert [m["to_phone_number_id"] for m in (await conversation(sim))["messages"]] == [PNID, EXTRA]
+
+    # one batch, two numbers: one change each, with its own metadata
+    resp = await sim.post("/_sim/batch", json={"messages": [
+        {"wa_id": CUSTOMER, "text": "1"}, {"wa_id": CUSTOMER, "text": "2", "phone_number_id": EXTRA}]})
+    assert resp.status == 200
+    changes = bot.values_in(bot.posts[-1]["body"])
+    assert [(c["metadata"]["phone_number_id"], [m["text"]["body"] for m in c["messages"]]) for c in changes] == [(PNID, ["1"]), (EXTRA, ["2"])]
+    assert (await sim.post(f"/_sim/customers/{CUSTOMER}/messages", json={"text": "x", "phone_number_id": 5})).status == 400
+
+    # the Cloud API sends from the main and the extra numbers only; statuses carry the sender's metadata
+    assert (await send(sim, text("from extra"), pnid=EXTRA))[0] == 200
+    await bot.wait_for(lambda: len(bot.statuses()) == 3)
+    assert (await send(sim, text("from main")))[0] == 200
+    await bot.wait_for(lambda: len(bot.statuses()) == 6)
+    status_metas = [v["metadata"]["phone_number_id"] for p in bot.posts for v in bot.values_in(p["body"]) if "statuses" in v]
+    assert status_metas == [EXTRA] * 3 + [PNID] * 3
+    assert bot.values_in(bot.posts[-1]["body"])[0]["metadata"]["display_phone_number"] == DISPLAY
+    status, body = await send(sim, text("from another bot's number"), pnid="999000111222")
+    assert (status, body["error"]["code"]) == (400, 100)
+    read = {"messaging_product": "whatsapp", "status": "read", "message_id": played["wamid"]}
+    assert await send(sim, read, pnid=EXTRA) == (200, {"success": True})
+
+    messages = (await conversation(sim))["messages"]
+    assert [(m["text"], m["from_phone_number_id"]) for m in messages if m["direction"] == "out"] == [("from extra", EXTRA), ("from main", PNID)]
+    extra_in = next(m for m in messages if m["wamid"] == played["wamid"])
+    assert (extra_in["status"], extra_in["read_by_phone_number_id"]) == ("read", EXTRA)
+    assert messages[0]["read_by_phone_number_id"] is None
+
+
+def test_extra_numbers_must_be_new_and_unique():
+    for extras in ((PNID,), (EXTRA, EXTRA), ("",)):
+        with pytest.raises(SettingsError, match="phone_number_ids"):
+            Settings(access_token=TOKEN, phone_number_id=PNID, app_secret=SECRET, phone_number_ids=extras)
+    settings = Settings(access_token=TOKEN, phone_number_id=PNID, app_secret=SECRET, phone_number_ids=("12",))
+    assert settings.display_number("12") == "15550000012"
+
+
+# --- burst -----------------------------------------------------------------------------------
+
+
+async def test_burst_plays_many_one_message_webhooks_with_bounded_concurrency(make_sim, bot):
+    sim = await make_sim(redeliver_delays=FAST, statuses=())
+    await customer_says(sim)
+    bot.hold = 0.01
+    bot.answers.extend([503] * 5)
+    resp = await sim.post("/_sim/burst", json={"count": 200, "customers": 20, "concurrency": 50, "text": "hi {n}"})
+    assert resp.status == 200
+    result = await resp.json()
+    wa_ids, wamids = result["wa_ids"], result["wamids"]
+    assert len(set(wa_ids)) == 20 and all(w.startswith("4917") and w != CUSTOMER for w in wa_ids)
+    assert len(set(wamids)) == 200 and None not in wamids
+    assert result["first_answers"] == {"200": 195, "503": 5} and result["seconds"] > 0
+    assert 1 < bot.max_in_flight <= 50 + 5  # the burst's own posts, and the 5 redeliveries alongside
+    s = await settled(sim)
+    assert (s["inbound_messages"], s["redeliveries"], s["webhooks_refused"]) == (201, 5, {"503": 5})
+    first_attempts = bot.posts[1:201]
+    assert all(len(bot.messages_in(p["body"])) == 1 for p in first_attempts)
+    by_wamid = {m["id"]: m for m in bot.messages()}
+    for n in (0, 57, 199):
+        assert by_wamid[wamids[n]]["text"]["body"] == f"hi {n}" and by_wamid[wamids[n]]["from"] == wa_ids[n % 20]
+    conv = await conversation(sim, wa_ids[3])
+    assert [m["text"] for m in conv["messages"]] == [f"hi {n}" for n in range(3, 200, 20)]
+
+    again = await (await sim.post("/_sim/burst", json={"count": 3})).json()
+    assert len(again["wa_ids"]) == 3 and not set(again["wa_ids"]) & set(wa_ids)  # new customers every time
+    assert [m["text"] for m in (await conversation(sim, again["wa_ids"][1]))["messages"]] == ["burst 1"]
+
+
+async def test_big_burst_and_bad_burst_requests(make_sim, bot):
+    sim = await make_sim(statuses=())
+    bot.hold = 0.2  # long enough for the burst to fill its bound even on a loaded machine
+    resp = await sim.post("/_sim/burst", json={"count": 2000, "customers": 200, "concurrency": 200})
+    result = await resp.json()
+    assert result["first_answers"] == {"200": 2000} and len(result["wa_ids"]) == 200
+    assert 100 < bot.max_in_flight <= 200  # beyond aiohttp's default 100 connections, within the bound
+    assert len(bot.posts) == 2000 and (await stats(sim))["inbound_messages"] == 2000
+    for bad in ({}, {"count": 0}, {"count": 5, "customers": 6}, {"count": 5, "concurrency": 0}, {"count": "5"},
+                {"count": 5, "text": 7}, {"count": 5, "concurrency": 5000}):
+        assert (await sim.post("/_sim/burst", json=bad)).status == 400, bad
+    assert len(bot.posts) == 2000
+
+
+async def test_burst_against_a_dead_bot_without_redelivery_records_nothing(make_sim):
+    dead = await make_sim(bot_webhook_url="http://127.0.0.1:9/webhook", redeliver_delays=())
+    result = await (await dead.post("/_sim/burst", json={"count": 4, "customers": 2})).json()
+    assert result["first_answers"] == {"unreachable": 4} and result["wamids"] == [None] * 4
+    assert (await (await dead.get("/_sim/conversations")).json())["conversations"] == []

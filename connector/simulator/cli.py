@@ -17,7 +17,8 @@ from typing import Any, Dict, List, Optional
 import aiohttp
 
 from .settings import (
-    DEFAULT_BOT_WEBHOOK, DEFAULT_PORT, DEFAULT_TEMPLATES, Settings, SettingsError, env_default, parse_statuses,
+    DEFAULT_BOT_WEBHOOK, DEFAULT_PORT, DEFAULT_TEMPLATES, Settings, SettingsError, comma_list, env_default,
+    parse_delays, parse_statuses,
 )
 
 COMMANDS = ("serve", "say", "show")
@@ -50,6 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--statuses", default=env_default("SIM_STATUSES", "sent,delivered,read"),
                        help="comma list of statuses reported after a send (empty: none)")
     serve.add_argument("--status-delay", type=float, default=0.0, help="seconds before each status webhook")
+    serve.add_argument("--redeliver-delays", default=env_default("SIM_REDELIVER_DELAYS"),
+                       help='seconds between redeliveries of a webhook the bot did not take, e.g. 0.5,1,2 '
+                            '(default 1,2,4,8,15,30,60; "" or none: never)')
+    serve.add_argument("--extra-phone-number-ids", default=env_default("SIM_EXTRA_PHONE_NUMBER_IDS", ""),
+                       help="comma list of further business phone number ids the Cloud API accepts")
     serve.add_argument("--log-level", default=env_default("SIM_LOG_LEVEL", "INFO"))
 
     say = sub.add_parser("say", help="send a customer message and print the bot's replies")
@@ -103,6 +109,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         host=args.host,
         port=args.port,
         status_delay=args.status_delay,
+        redeliver_delays=parse_delays(args.redeliver_delays),
+        phone_number_ids=comma_list(args.extra_phone_number_ids),
     )
 
 
@@ -174,8 +182,11 @@ async def say(args: argparse.Namespace) -> int:
                 if resp.status != 200:
                     print(f"simulator: {result.get('error', result)}", file=sys.stderr)
                     return 1
-            if not 200 <= result["webhook_status"] < 300:
-                print(f"simulator: the bot answered HTTP {result['webhook_status']}", file=sys.stderr)
+            status = result["webhook_status"]
+            if status is None or not 200 <= status < 300:
+                answer = "was unreachable" if status is None else f"answered HTTP {status}"
+                queued = "; redelivery queued" if result.get("redelivery") == "queued" else ""
+                print(f"simulator: the bot {answer}{queued}", file=sys.stderr)
             wait = args.timeout
             replies = 0
             while True:

@@ -33,7 +33,7 @@ async def send_message(request: web.Request) -> web.Response:
             body = json.loads(raw or b"null")
         except ValueError:
             raise GraphError(100, "The request body is not valid JSON.") from None
-        result = await sim.send(request.match_info["version"], body)
+        result = await sim.send(request.match_info["version"], body, request.match_info["phone_number_id"])
     except GraphError as error:
         return graph_error(sim.reject(error, body))
     return web.json_response(result)

@@ -13,12 +13,13 @@ import aiohttp
 from aiohttp import web
 
 from .core import SIM
-from .delivery import SIGNATURE_MODES, BotUnreachable
+from .delivery import MAX_CONNECTIONS, SIGNATURE_MODES, BotUnreachable
 from .payloads import SpecError
 from .state import Conversation
-from .settings import KNOWN_STATUSES, WINDOW_MODES, parse_statuses
+from .settings import KNOWN_STATUSES, WINDOW_MODES, SettingsError, check_delays, parse_delays, parse_statuses
 
 MAX_WAIT = 120.0
+MAX_BURST = 100_000
 
 
 def problem(status: int, message: str, **extra: Any) -> web.Response:
@@ -79,6 +80,14 @@ async def _play(request: web.Request, items: List[Tuple[str, Dict[str, Any]]], s
         raise json_error(502, f"message not delivered: {exc}") from None
 
 
+def first_answer(result: Dict[str, Any]) -> Dict[str, Any]:
+    """The bot's answer to the first attempt (None: unreachable), and whether redelivery follows."""
+    answer: Dict[str, Any] = {"webhook_status": result["webhook_status"]}
+    if result["queued"]:
+        answer["redelivery"] = "queued"
+    return answer
+
+
 async def customer_message(request: web.Request) -> web.Response:
     """One customer message → one signed webhook; answers the wamid and the bot's HTTP status."""
     spec = await read_json(request)
@@ -86,7 +95,7 @@ async def customer_message(request: web.Request) -> web.Response:
     return web.json_response({
         "wamid": result["wamids"][0],
         "timestamp": result["timestamps"][0],
-        "webhook_status": result["webhook_status"],
+        **first_answer(result),
     })
 
 
@@ -106,8 +115,29 @@ async def batch(request: web.Request) -> web.Response:
     return web.json_response({
         "wamids": result["wamids"],
         "timestamps": result["timestamps"],
-        "webhook_status": result["webhook_status"],
+        **first_answer(result),
     })
+
+
+BURST_HELP = (
+    'expected {"count": n, "customers"?: n (default count), "concurrency"?: n (default 100, at most '
+    f'{MAX_CONNECTIONS}), "text"?: "burst {{n}}"}}: count at most {MAX_BURST}, customers at most count'
+)
+
+
+async def burst(request: web.Request) -> web.Response:
+    """Many customer messages, one webhook each, as fast as the bot takes them (load tests)."""
+    body = await read_json(request)
+    count = body.get("count")
+    customers = body.get("customers", count)
+    concurrency = body.get("concurrency", 100)
+    text = body.get("text", "burst {n}")
+    numbers = (count, customers, concurrency)
+    if not all(isinstance(n, int) and not isinstance(n, bool) for n in numbers) or not isinstance(text, str):
+        return problem(400, BURST_HELP)
+    if not (1 <= count <= MAX_BURST and 1 <= customers <= count and 1 <= concurrency <= MAX_CONNECTIONS and text):
+        return problem(400, BURST_HELP)
+    return web.json_response(await request.app[SIM].burst(count, customers, concurrency, text))
 
 
 async def raw_webhook(request: web.Request) -> web.Response:
@@ -186,7 +216,8 @@ async def wait_conversation(request: web.Request) -> web.Response:
 
 
 async def stats(request: web.Request) -> web.Response:
-    return web.json_response(request.app[SIM].state.stats.to_json())
+    sim = request.app[SIM]
+    return web.json_response({**sim.state.stats.to_json(), "pending_redeliveries": sim.delivery.pending_redeliveries})
 
 
 async def reset(request: web.Request) -> web.Response:
@@ -239,15 +270,18 @@ async def get_config(request: web.Request) -> web.Response:
     return web.json_response({
         "window_errors": sim.state.window_errors,
         "statuses": list(sim.state.statuses),
+        "redeliver_delays": list(sim.state.redeliver_delays),
         "phone_number_id": sim.settings.phone_number_id,
         "display_phone_number": sim.settings.display_phone_number,
+        "phone_number_ids": list(sim.settings.phone_number_ids),
+        "display_phone_numbers": {n: sim.settings.display_number(n) for n in sim.settings.business_numbers},
         "business_account_id": sim.settings.business_account_id,
         "bot_webhook_url": sim.settings.bot_webhook_url,
     })
 
 
 async def set_config(request: web.Request) -> web.Response:
-    """Change the runtime knobs (window error mode, reported statuses) until the next reset."""
+    """Change the runtime knobs (window error mode, reported statuses, redelivery) until the next reset."""
     sim = request.app[SIM]
     body = await read_json(request)
     if "window_errors" in body:
@@ -260,6 +294,14 @@ async def set_config(request: web.Request) -> web.Response:
         if any(s not in KNOWN_STATUSES for s in statuses):
             return problem(400, f"statuses must be among {KNOWN_STATUSES}")
         sim.state.statuses = statuses
+    if "redeliver_delays" in body:
+        raw = body["redeliver_delays"]
+        try:
+            delays = parse_delays(raw) if isinstance(raw, str) else tuple(raw or ())
+            check_delays(delays)
+        except (SettingsError, TypeError) as exc:
+            return problem(400, f'redeliver_delays must be seconds >= 0 ("0.5,1,2" or a list, empty: never): {exc}')
+        sim.state.redeliver_delays = delays
     return await get_config(request)
 
 
@@ -284,6 +326,7 @@ def add_routes(app: web.Application) -> None:
     r.add_post("/_sim/clock", set_clock)
     r.add_post("/_sim/customers/{wa_id}/messages", customer_message)
     r.add_post("/_sim/batch", batch)
+    r.add_post("/_sim/burst", burst)
     r.add_post("/_sim/webhook", raw_webhook)
     r.add_post("/_sim/verify", verify)
     r.add_get("/_sim/conversations", list_conversations)

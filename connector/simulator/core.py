@@ -10,12 +10,13 @@ import asyncio
 import hashlib
 import logging
 import re
+from collections import Counter
 from typing import Any, Dict, List, Optional, Tuple
 
 from aiohttp import web
 
 from . import payloads
-from .delivery import BotUnreachable, WebhookDelivery
+from .delivery import BotUnreachable, WebhookDelivery, encode, taken
 from .errors import GraphError, webhook_error
 from .render import describe
 from .settings import Settings
@@ -65,8 +66,13 @@ def normalise_recipient(value: str) -> str:
     return digits or value
 
 
+def answer_key(status: Optional[int]) -> str:
+    """How a webhook answer is counted in JSON maps: the HTTP status, or "unreachable"."""
+    return "unreachable" if status is None else str(status)
+
+
 class Simulator:
-    """One simulated WhatsApp Business phone number talking to one bot."""
+    """The simulated WhatsApp Business phone numbers of one app, talking to one bot."""
 
     def __init__(self, settings: Settings, registry: TemplateRegistry, state: Optional[SimState] = None):
         self.settings = settings
@@ -99,7 +105,7 @@ class Simulator:
             raise GraphError(190, "Error validating access token: the token is invalid or was not sent as 'Authorization: Bearer <token>'.")
 
     def check_phone_number_id(self, phone_number_id: str) -> None:
-        if phone_number_id != self.settings.phone_number_id:
+        if phone_number_id not in self.settings.business_numbers:
             raise GraphError(
                 100,
                 f"Unsupported post request. Object with ID '{phone_number_id}' does not exist, cannot be loaded "
@@ -119,7 +125,7 @@ class Simulator:
 
     # --- Cloud API: sending ----------------------------------------------------------------
 
-    async def send(self, version: str, body: Any) -> Dict[str, Any]:
+    async def send(self, version: str, body: Any, phone_number_id: str) -> Dict[str, Any]:
         """`POST /{version}/{phone_number_id}/messages` after auth; raises `GraphError`.
 
         A queued fault is applied around acceptance: `delay` sleeps before anything, `status`/`code`
@@ -127,7 +133,7 @@ class Simulator:
         accepted and `drop` then raises `DropConnection` instead of answering.
         """
         if is_mark_read(body):
-            return self.mark_read(body)
+            return self.mark_read(body, phone_number_id)
         fault = self.state.faults.popleft() if self.state.faults else None
         async_code: Optional[int] = None
         if fault is not None:
@@ -153,7 +159,7 @@ class Simulator:
             async_code = 131047
         wamid = self.state.new_wamid(conv.wa_id, outbound=True)
         record = Record(
-            direction="out", wamid=wamid, timestamp=now, type=kind, payload=body,
+            direction="out", wamid=wamid, timestamp=now, type=kind, payload=body, phone_number_id=phone_number_id,
             text=describe(body, template), status="accepted",
         )
         self.state.stats.accepted += 1
@@ -183,7 +189,7 @@ class Simulator:
         except asyncio.TimeoutError:
             pass
 
-    def mark_read(self, body: Dict[str, Any]) -> Dict[str, Any]:
+    def mark_read(self, body: Dict[str, Any], phone_number_id: str) -> Dict[str, Any]:
         if body.get("messaging_product") != "whatsapp":
             raise GraphError(100, "The parameter messaging_product is required and must be 'whatsapp'.")
         found = self.state.find(str(body.get("message_id")))
@@ -193,6 +199,7 @@ class Simulator:
         if record.direction == "in":
             record.status = "read"
             record.read_at = self.state.now()
+            record.read_by_phone_number_id = phone_number_id
             if isinstance(body.get("typing_indicator"), dict):
                 record.typing_indicator = True
         self.state.stats.marked_read += 1
@@ -207,7 +214,7 @@ class Simulator:
         free = template is None or (category == "utility" and in_window)
         with_conversation = api_version(version) < 24
         conversation_id = hashlib.md5(f"{conv.wa_id}:{category}:{conv.last_inbound_at}".encode()).hexdigest()
-        meta = payloads.metadata(self.settings.display_phone_number, self.settings.phone_number_id)
+        meta = payloads.metadata(self.settings.display_number(record.phone_number_id), record.phone_number_id)
 
         def build(status: str):
             def _build() -> Dict[str, Any]:
@@ -247,6 +254,10 @@ class Simulator:
         while handling the webhook must already find the window open."""
         if not isinstance(spec, dict):
             raise payloads.SpecError("a customer message must be a JSON object")
+        # any business number may be written to: the app may be subscribed for other bots' numbers too
+        phone_number_id = spec.get("phone_number_id", self.settings.phone_number_id)
+        if not isinstance(phone_number_id, str) or not phone_number_id:
+            raise payloads.SpecError("phone_number_id must be a non-empty string")
         existing = self.state.conversations.get(wa_id)
         ts = spec.get("timestamp")
         try:
@@ -261,12 +272,12 @@ class Simulator:
         wamid = self.state.new_wamid(wa_id, outbound=False)
         message = payloads.customer_message(
             spec, wamid=wamid, timestamp=ts, wa_id=wa_id,
-            display_phone_number=self.settings.display_phone_number,
+            display_phone_number=self.settings.display_number(phone_number_id),
             store_media=self.store_placeholder_media,
             default_context_id=default_context,
         )
         conv = self.state.conversation(wa_id)
-        undo = (existing is None, conv.last_inbound_at, conv.name, conv.user_id)
+        undo = (conv.name, conv.user_id)
         conv.name = spec.get("name") or conv.name or payloads.default_name(wa_id)
         conv.user_id = spec.get("user_id") or conv.user_id
         conv.last_inbound_at = ts
@@ -275,23 +286,28 @@ class Simulator:
             omit_wa_id=bool(spec.get("omit_wa_id")),
         )
         record = Record(direction="in", wamid=wamid, timestamp=ts, type=message["type"], payload=message,
-                        text=describe(message), status="received")
+                        phone_number_id=phone_number_id, text=describe(message), status="received")
         self.state.add(conv, record)
         return conv, record, contact, undo
 
     def _rollback(self, prepared: List[Tuple[Conversation, Record, Dict[str, Any], Tuple]]) -> None:
+        """Undo `_prepare_inbound`. The window anchor is re-derived from the inbound messages left,
+        not restored, because concurrent plays to one customer may be undone in any order."""
         for conv, record, _, undo in reversed(prepared):
-            created, conv.last_inbound_at, conv.name, conv.user_id = undo
+            conv.name, conv.user_id = undo
             self.state.remove(conv, record)
-            if created and not conv.messages:
+            conv.last_inbound_at = next((m.timestamp for m in reversed(conv.messages) if m.direction == "in"), None)
+            if not conv.messages and not conv.rejected:
                 self.state.conversations.pop(conv.wa_id, None)
 
     async def play(self, items: List[Tuple[str, Dict[str, Any]]], *, split_entries: bool = False) -> Dict[str, Any]:
         """Deliver customer messages to the bot in ONE signed webhook POST.
 
-        Messages are grouped per customer: one `changes[]` item each (holding all of that
-        customer's `messages[]`), in one `entry[]` or one entry per customer (`split_entries`).
-        Raises `BotUnreachable` after undoing everything when the bot cannot be reached.
+        Messages are grouped per business number and customer: one `changes[]` item each (holding
+        all of that customer's `messages[]`, `metadata` of that number), in one `entry[]` or one
+        entry per item (`split_entries`). A body the bot does not take is redelivered like Meta
+        does (`queued` in the answer); with redelivery off, an unreachable bot raises
+        `BotUnreachable` after everything is undone, since the message then never arrives.
         """
         if not items:
             raise payloads.SpecError("no messages to play")
@@ -302,33 +318,79 @@ class Simulator:
         except Exception:
             self._rollback(prepared)
             raise
-        groups: Dict[str, Dict[str, Any]] = {}
+        groups: Dict[Tuple[str, str], Dict[str, Any]] = {}
         for conv, record, contact, _ in prepared:
-            group = groups.setdefault(conv.wa_id, {"contact": contact, "messages": []})
+            group = groups.setdefault((record.phone_number_id, conv.wa_id), {"contact": contact, "messages": []})
             group["contact"] = contact
             group["messages"].append(record.payload)
-        meta = payloads.metadata(self.settings.display_phone_number, self.settings.phone_number_id)
-        changes = [payloads.change(payloads.messages_value(meta, [g["contact"]], g["messages"])) for g in groups.values()]
+        changes = [
+            payloads.change(payloads.messages_value(
+                payloads.metadata(self.settings.display_number(phone_number_id), phone_number_id),
+                [g["contact"]], g["messages"],
+            ))
+            for (phone_number_id, _), g in groups.items()
+        ]
         waba = self.settings.business_account_id
         if split_entries:
             entries = [payloads.entry(waba, [c]) for c in changes]
         else:
             entries = [payloads.entry(waba, changes)]
         body = payloads.envelope(entries)
+        raw = encode(body)  # redeliveries repeat these exact bytes
+        generation = self.delivery.generation
         try:
-            status, _ = await self.delivery.post(body)
+            status: Optional[int] = (await self.delivery.post(raw))[0]
         except BotUnreachable:
-            self._rollback(prepared)
-            raise
-        for _, record, _, _ in prepared:
-            record.webhook_status = status
-        self.state.stats.inbound_messages += len(prepared)
-        self.state.changed()
+            if not self.state.redeliver_delays:
+                self._rollback(prepared)
+                raise
+            status = None
+        records = [record for _, record, _, _ in prepared]
+
+        def attempted(status: Optional[int]) -> None:
+            for record in records:
+                record.webhook_status = status
+                record.delivery_attempts += 1
+            self.state.changed()
+
+        attempted(status)
+        self.state.stats.inbound_messages += len(records)
+        queued = not taken(status) and self.delivery.redeliver(raw, generation, attempted)
         return {
-            "wamids": [r.wamid for _, r, _, _ in prepared],
-            "timestamps": [r.timestamp for _, r, _, _ in prepared],
+            "wamids": [r.wamid for r in records],
+            "timestamps": [r.timestamp for r in records],
             "webhook_status": status,
+            "queued": queued,
             "body": body,
+        }
+
+    async def burst(self, count: int, customers: int, concurrency: int, text: str) -> Dict[str, Any]:
+        """Play `count` customer messages, one webhook each, round-robin over `customers` new
+        customers with at most `concurrency` in flight: the load a busy number puts on the bot.
+        `{n}` in `text` is the message's index; `wamids[n]` is None for a message rolled back."""
+        wa_ids = [self.state.new_customer_wa_id() for _ in range(customers)]
+        gate = asyncio.Semaphore(concurrency)
+        wamids: List[Optional[str]] = [None] * count
+        first_answers: Counter = Counter()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+
+        async def one(n: int) -> None:
+            async with gate:
+                try:
+                    result = await self.play([(wa_ids[n % customers], {"text": text.replace("{n}", str(n))})])
+                except BotUnreachable:
+                    first_answers[answer_key(None)] += 1
+                    return
+            wamids[n] = result["wamids"][0]
+            first_answers[answer_key(result["webhook_status"])] += 1
+
+        await asyncio.gather(*(one(n) for n in range(count)))
+        return {
+            "wa_ids": wa_ids,
+            "wamids": wamids,
+            "first_answers": dict(sorted(first_answers.items())),
+            "seconds": round(loop.time() - started, 3),
         }
 
     # --- media -----------------------------------------------------------------------------

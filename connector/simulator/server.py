@@ -26,9 +26,10 @@ def create_app(settings: Settings, *, clock: Optional[Clock] = None) -> web.Appl
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         await simulator.start()
         log.info(
-            "simulating phone number %s (%s); bot webhook %s; window errors %s; statuses %s",
-            settings.phone_number_id, settings.display_phone_number, settings.bot_webhook_url,
-            settings.window_errors, ",".join(settings.statuses) or "none",
+            "simulating phone numbers %s; bot webhook %s; window errors %s; statuses %s; redelivery after %s s",
+            ", ".join(f"{n} ({settings.display_number(n)})" for n in settings.business_numbers),
+            settings.bot_webhook_url, settings.window_errors, ",".join(settings.statuses) or "none",
+            ",".join(f"{d:g}" for d in settings.redeliver_delays) or "never",
         )
         yield
         await simulator.close()

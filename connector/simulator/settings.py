@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +13,7 @@ DEFAULT_BOT_WEBHOOK = "http://127.0.0.1:5005/webhooks/whatsapp/webhook"
 DEFAULT_PORT = 5090
 KNOWN_STATUSES = ("sent", "delivered", "read")
 WINDOW_MODES = ("async", "sync")
+DEFAULT_REDELIVER_DELAYS = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0)
 
 
 class SettingsError(ValueError):
@@ -35,6 +37,8 @@ class Settings:
     port: int = DEFAULT_PORT
     webhook_timeout: float = 30.0
     status_delay: float = 0.0
+    redeliver_delays: Tuple[float, ...] = DEFAULT_REDELIVER_DELAYS
+    phone_number_ids: Tuple[str, ...] = ()  # further business numbers of the same app, beyond phone_number_id
 
     def __post_init__(self) -> None:
         for name in ("access_token", "phone_number_id", "app_secret"):
@@ -45,13 +49,51 @@ class Settings:
         for status in self.statuses:
             if status not in KNOWN_STATUSES:
                 raise SettingsError(f"statuses: unknown status {status!r} (known: {', '.join(KNOWN_STATUSES)})")
+        check_delays(self.redeliver_delays)
+        if len(set(self.business_numbers)) != len(self.business_numbers) or not all(self.business_numbers):
+            raise SettingsError(f"phone_number_ids must be non-empty, unique and differ from phone_number_id, got {self.phone_number_ids!r}")
+
+    @property
+    def business_numbers(self) -> Tuple[str, ...]:
+        """Every phone number id the Cloud API routes accept: the main one first."""
+        return (self.phone_number_id, *self.phone_number_ids)
+
+    def display_number(self, phone_number_id: str) -> str:
+        """The display number in webhook `metadata`: the configured one for the main id, else derived
+        from the id, so a number unknown here (another bot's) still looks plausible and stable."""
+        if phone_number_id == self.phone_number_id:
+            return self.display_phone_number
+        digits = "".join(ch for ch in phone_number_id if ch.isdigit())
+        return "1555000" + digits[-4:].rjust(4, "0")
+
+
+def check_delays(delays: Tuple[float, ...]) -> None:
+    for delay in delays:
+        if isinstance(delay, bool) or not isinstance(delay, (int, float)) or not 0 <= delay < math.inf:
+            raise SettingsError(f"redeliver_delays must be finite seconds >= 0, got {delay!r}")
+
+
+def comma_list(text: str) -> Tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
 def parse_statuses(text: Optional[str]) -> Tuple[str, ...]:
     """`"sent,delivered"` → `("sent", "delivered")`; empty means report nothing."""
     if text is None:
         return KNOWN_STATUSES
-    return tuple(part.strip() for part in text.split(",") if part.strip())
+    return comma_list(text)
+
+
+def parse_delays(text: Optional[str]) -> Tuple[float, ...]:
+    """`"0.5,1,2"` → `(0.5, 1.0, 2.0)`; unset means Meta-like defaults, `""` or `"none"` never redeliver."""
+    if text is None:
+        return DEFAULT_REDELIVER_DELAYS
+    if text.strip().lower() == "none":
+        return ()
+    try:
+        return tuple(float(part) for part in comma_list(text))
+    except ValueError:
+        raise SettingsError(f"redeliver_delays must be comma-separated seconds, got {text!r}") from None
 
 
 def env_default(name: str, default: Optional[str] = None, env: Optional[Mapping[str, str]] = None) -> Optional[str]:

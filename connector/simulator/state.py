@@ -50,12 +50,15 @@ class Record:
     timestamp: int
     type: str
     payload: Dict[str, Any]
+    phone_number_id: str  # the business number: the one written to (inbound) or sending (outbound)
     text: str = ""
     status: Optional[str] = None
     errors: List[Dict[str, Any]] = field(default_factory=list)
-    webhook_status: Optional[int] = None
+    webhook_status: Optional[int] = None  # the bot's answer to the latest attempt; None: unreachable
+    delivery_attempts: int = 0
     statuses: List[str] = field(default_factory=list)
     read_at: Optional[int] = None
+    read_by_phone_number_id: Optional[str] = None
     typing_indicator: bool = False
 
     def to_json(self) -> Dict[str, Any]:
@@ -70,10 +73,14 @@ class Record:
             "errors": self.errors,
         }
         if self.direction == "in":
+            out["to_phone_number_id"] = self.phone_number_id
             out["webhook_status"] = self.webhook_status
+            out["delivery_attempts"] = self.delivery_attempts
             out["read_at"] = self.read_at
+            out["read_by_phone_number_id"] = self.read_by_phone_number_id
             out["typing_indicator"] = self.typing_indicator
         else:
+            out["from_phone_number_id"] = self.phone_number_id
             out["statuses"] = list(self.statuses)
         return out
 
@@ -119,6 +126,8 @@ class Stats:
     window_violations: int = 0
     webhooks_sent: int = 0
     webhook_failures: int = 0
+    redeliveries: int = 0
+    webhooks_refused: Counter = field(default_factory=Counter)  # "503" / "unreachable" → attempts
     inbound_messages: int = 0
     statuses_sent: int = 0
     marked_read: int = 0
@@ -131,6 +140,8 @@ class Stats:
             "window_violations": self.window_violations,
             "webhooks_sent": self.webhooks_sent,
             "webhook_failures": self.webhook_failures,
+            "redeliveries": self.redeliveries,
+            "webhooks_refused": dict(sorted(self.webhooks_refused.items())),
             "inbound_messages": self.inbound_messages,
             "statuses_sent": self.statuses_sent,
             "marked_read": self.marked_read,
@@ -151,6 +162,8 @@ class SimState:
         self.media: Dict[str, Tuple[bytes, str]] = {}
         self.window_errors = settings.window_errors
         self.statuses: Tuple[str, ...] = settings.statuses
+        self.redeliver_delays: Tuple[float, ...] = settings.redeliver_delays
+        self.burst_serial = 0  # numbers burst customers, so each burst plays new ones
         self._waiters: Set[asyncio.Future] = set()
 
     def reset(self) -> None:
@@ -162,6 +175,8 @@ class SimState:
         self.media.clear()
         self.window_errors = self.settings.window_errors
         self.statuses = self.settings.statuses
+        self.redeliver_delays = self.settings.redeliver_delays
+        self.burst_serial = 0
         self.changed()
 
     def now(self) -> int:
@@ -189,6 +204,14 @@ class SimState:
             wamid = new_wamid(wa_id, outbound)
             if wamid not in self.by_wamid:
                 return wamid
+
+    def new_customer_wa_id(self) -> str:
+        """A wa_id no conversation has yet, shaped like a German mobile number: "4917" and a serial."""
+        while True:
+            self.burst_serial += 1
+            wa_id = f"4917{self.burst_serial:09d}"
+            if wa_id not in self.conversations:
+                return wa_id
 
     def add(self, conv: Conversation, record: Record) -> None:
         conv.messages.append(record)
