@@ -4,6 +4,7 @@ Run with ``rasa run actions --actions actions`` from the project root.
 """
 
 import abc
+import asyncio
 import json
 import logging
 import math
@@ -27,6 +28,8 @@ FOLLOW_UP_INTENT = "EXTERNAL_order_follow_up"
 # A day and a bit after the check: by then the care window has usually lapsed, so the update
 # goes out as the approved `order_status_update` template (see credentials.yml).
 FOLLOW_UP_SECONDS = float(os.environ.get("ORDER_FOLLOW_UP_SECONDS", 30 * 3600))
+# How long the order system takes to answer (0 here; tests make it slow to catch a turn mid-way).
+ORDER_LOOKUP_SECONDS = float(os.environ.get("ORDER_LOOKUP_SECONDS", 0))
 FOLLOW_UP_STATUSES = ("processing", "shipped")
 
 logger = logging.getLogger(__name__)
@@ -121,6 +124,8 @@ class ActionCheckOrderStatus(Action):
             dispatcher.utter_message(response="utter_ask_order_id")
             return [SlotSet("order_id", None), SlotSet("order_status", None)]
 
+        if ORDER_LOOKUP_SECONDS:
+            await asyncio.sleep(ORDER_LOOKUP_SECONDS)
         order = load_orders().get(order_id)
         if order is None:
             dispatcher.utter_message(

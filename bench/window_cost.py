@@ -255,7 +255,7 @@ class Bench:
         self.reserved: List[OutboundRecord] = []
 
     def _path(self, book: TemplateBook) -> OutboundPath:
-        config = ChannelConfig(access_token="x", phone_number_id="1", app_secret="x", verify_token="x",
+        config = ChannelConfig(access_token="x", phone_number_ids=("1",), app_secret="x", verify_token="x",
                                templates=book, care_window=POLICY)
         return OutboundPath(config, client=None, now=_now, stores=lambda: Stores(self.state, self.store),
                             opted_out=lambda customer: False)

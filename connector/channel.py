@@ -4,6 +4,9 @@ the Cloud API client."""
 import asyncio
 import json
 import logging
+import socket
+import time
+from collections import Counter
 from typing import Any, Awaitable, Callable, Dict, Optional, Set, Text
 
 from sanic import Blueprint, Sanic, response
@@ -12,14 +15,15 @@ from sanic.response import HTTPResponse
 
 from rasa.core.channels.channel import InputChannel, OutputChannel, UserMessage
 
-from connector.care_state import CareState, backend_for
+from connector.action_guard import guard, in_channel_turn
+from connector.care_state import CareState, PendingTurn, backend_for, unwrap
 from connector.client import CloudApiClient
 from connector.clock import SimulatorClock, SystemClock
 from connector.config import ChannelConfig
 from connector.decisions import masked, outcome
-from connector.dedup import Deduplicator, dedup_key
 from connector.errors import GraphError
 from connector.inbound import rasa_metadata, rasa_text
+from connector.intake import Busy, Intake
 from connector.opt_out import OptOuts
 from connector.ordering import PerSenderQueue
 from connector.outbound import OutboundPath, Stores
@@ -36,6 +40,7 @@ from connector.payloads import (
 )
 from connector.render import looks_like_a_choice
 from connector.signature import is_valid, same_secret
+from connector.tracker_reads import TrackerReader
 
 logger = logging.getLogger(__name__)
 
@@ -54,22 +59,22 @@ class WhatsAppOutput(OutputChannel):
     def name(cls) -> Text:
         return CHANNEL_NAME
 
-    def __init__(
-        self,
-        channel: "WhatsAppInput",
-        in_flight_inbound_at: Optional[float] = None,
-        phone_number_id: Optional[str] = None,
-    ) -> None:
+    def __init__(self, channel: "WhatsAppInput", turn: Optional[PendingTurn] = None, again: bool = False) -> None:
         self.channel = channel
-        self.in_flight_inbound_at = in_flight_inbound_at
-        """WhatsApp timestamp of the message this turn answers: Rasa saves it only after the turn."""
-        self.phone_number_id = phone_number_id
-        """The business number the customer wrote to: replies leave from it."""
+        self.turn = turn
+        """The customer message this turn answers (none for reminders and the HTTP API)."""
+        self.again = again
+        """An earlier attempt of this turn may have sent some of its replies: those are not resent."""
+        self._replies = 0
 
     async def send_response(self, recipient_id: Text, message: Dict[Text, Any]) -> None:
+        turn, self._replies = self.turn, self._replies + 1
         try:
             await self.channel.outbound.deliver(
-                recipient_id, dict(message), self.in_flight_inbound_at, self.phone_number_id)
+                recipient_id, dict(message),
+                in_flight_inbound_at=float(turn.timestamp) if turn else None,  # Rasa saves it after the turn
+                phone_number_id=turn.phone_number_id if turn else None,
+                reply_of=(turn.key, self._replies) if turn else None, again=self.again)
         except Exception:
             logger.exception("Sending to %s failed", masked(recipient_id))
 
@@ -94,15 +99,23 @@ class WhatsAppInput(InputChannel):
         pacer = Pacer(**{**pacing, "customer_burst": int(pacing["customer_burst"])})
         self.client = CloudApiClient(config, pacer=pacer, retry_budget_seconds=config.retry_budget_seconds)
         self.clock = SimulatorClock(config.simulator_clock_url) if config.simulator_clock_url else SystemClock()
-        self.dedup = Deduplicator(config.redis_url or None)
         self.turns = PerSenderQueue()
         self.state: Optional[CareState] = None
         """Made at startup from Rasa's tracker store (see `open_state`)."""
+        self._backend: Any = None
+        self._state_of: Any = None
         self.opt_outs = OptOuts(config.opt_in_slot, self._stores, self._lock)
         self.outbound = OutboundPath(config, self.client, self.clock.now, self._stores, self.opt_outs.counts_as_opted_out)
+        self.intake = Intake(lambda: self._stores().state, self.turns, self._run_turn, self._already_saved,
+                             max_in_flight=config.max_in_flight, attempts=config.turn_attempts)
         self.app: Optional[Sanic] = None
+        self._on_new_message: Optional[Callable[[UserMessage], Awaitable[Any]]] = None
         self._ready = asyncio.Event()
         self._tasks: Set["asyncio.Task[None]"] = set()
+        self.refused = 0
+        """Webhooks answered 503 since start (full, shutting down, inbox not writable)."""
+        self.other_numbers: Counter = Counter()
+        """Webhook items for business numbers this bot does not serve, by number."""
 
     def get_output_channel(self) -> WhatsAppOutput:
         """For trigger_intent and the events API: no customer message in flight."""
@@ -129,13 +142,19 @@ class WhatsAppInput(InputChannel):
         agent = self._agent()
         if agent is None:
             raise RuntimeError("the WhatsApp channel found no Rasa agent at startup")
-        state = CareState(backend_for(agent.tracker_store))
+        store = unwrap(agent.tracker_store)
+        if self.state is None or self._state_of is not store:  # a server started again keeps its state
+            self._backend, self._state_of = backend_for(store), store
+        state = CareState(self._backend)
         await state.create_schema()
         self.state = state
+        owner = f"{socket.gethostname()}:{app.state.port}"
+        await self.intake.start(owner)
         self._ready.set()
-        logger.info("WhatsApp care-window state: %s", type(state.backend).__name__)
+        logger.info("WhatsApp care-window state and inbox: %s; this instance is %s", type(state.backend).__name__, owner)
 
     def blueprint(self, on_new_message: Callable[[UserMessage], Awaitable[Any]]) -> Blueprint:
+        self._on_new_message = on_new_message
         bp = Blueprint("whatsapp_webhook", __name__)
 
         @bp.listener("before_server_start")
@@ -181,36 +200,48 @@ class WhatsAppInput(InputChannel):
             except (ValueError, MalformedWebhook) as problem:
                 logger.warning("Webhook refused: %s", problem)
                 return response.text(f"malformed webhook: {problem}", status=400)
+            if self.intake.stopping:
+                return self._refuse("shutting down")
             if not self._ready.is_set():
                 try:
                     await asyncio.wait_for(self._ready.wait(), timeout=10)
                 except asyncio.TimeoutError:  # Meta redelivers later
-                    return response.text("starting", status=503)
-
-            await self._dispatch(webhook, on_new_message)
-            return response.text("EVENT_RECEIVED")
+                    return self._refuse("starting")
+            return await self._dispatch(webhook)
 
         @bp.get("/conversations/<sender_id>")
         async def conversation(request: Request, sender_id: str) -> HTTPResponse:
             """The care window as the channel sees it, for agents, dashboards and custom actions."""
-            token = request.args.get("token") or request.headers.get("authorization", "").removeprefix("Bearer ")
             if not self.config.api_token:
                 return response.json({"error": "set api_token in the channel's credentials"}, status=404)
-            if not same_secret(self.config.api_token, token):
+            if not same_secret(self.config.api_token, self._token(request)):
                 return response.json({"error": "unauthorized"}, status=401)
             self.app = request.app
             return response.json(await self.window_view(sender_id))
 
-        @bp.listener("before_server_stop")
+        @bp.get("/intake")
+        async def intake(request: Request) -> HTTPResponse:
+            """What this instance holds and has refused: for operators and load tests."""
+            if not self.config.api_token:
+                return response.json({"error": "set api_token in the channel's credentials"}, status=404)
+            if not same_secret(self.config.api_token, self._token(request)):
+                return response.json({"error": "unauthorized"}, status=401)
+            return response.json({
+                "instance": self.intake.owner, "in_flight": self.intake.in_flight,
+                "max_in_flight": self.intake.max_in_flight, "stopping": self.intake.stopping,
+                "failed_turns": self.intake.failed, "refused_webhooks": self.refused,
+                "other_numbers": dict(self.other_numbers),
+            })
+
+        @bp.listener("before_server_stop")  # the server still listens: new webhooks get 503
         async def finish_turns(*_: Any) -> None:
-            await self.turns.drain()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await self.intake.stop(self.config.shutdown_deadline_seconds)
+            await asyncio.wait(self._tasks, timeout=2) if self._tasks else None
             self.opt_outs.close()
 
         @bp.listener("after_server_stop")
         async def close_client(*_: Any) -> None:
             await self.client.close()
-            await self.dedup.close()
             if isinstance(self.clock, SimulatorClock):
                 await self.clock.close()
             if self.state is not None:
@@ -226,9 +257,10 @@ class WhatsAppInput(InputChannel):
         expires_at = facts.expires_at(now)
         try:
             records = await self.state.recent_outbound(sender_id, 50)
+            inbox = await self.state.turns_of(sender_id, 20)
         except Exception as error:  # the window says "unknown" already; show what can be shown
             logger.error("Records of %s unreadable: %s", masked(sender_id), error)
-            records = []
+            records, inbox = [], []
         return {
             "sender_id": sender_id,
             "now": now,
@@ -248,29 +280,70 @@ class WhatsAppInput(InputChannel):
                  "code": r.error_code, "reason": r.reason, "fallback_of": r.fallback_of}
                 for r in reversed(records)
             ],
+            "inbox": [
+                {"message_id": t.key, "state": t.state, "attempts": t.attempts, "error": t.error,
+                 "received_at": t.received_at, "text": t.text}
+                for t in reversed(inbox)
+            ],
         }
 
-    async def _dispatch(self, webhook: Webhook, on_new_message: Callable[[UserMessage], Awaitable[Any]]) -> None:
-        """Every item once (Meta delivers at least once, for days), then to its handler."""
+    @staticmethod
+    def _token(request: Request) -> str:
+        return request.args.get("token") or request.headers.get("authorization", "").removeprefix("Bearer ")
+
+    def _refuse(self, why: str) -> HTTPResponse:
+        self.refused += 1
+        logger.warning("Webhook refused with 503 (Meta delivers it again later): %s", why)
+        return response.text(why, status=503)
+
+    async def _dispatch(self, webhook: Webhook) -> HTTPResponse:
+        """The customer's messages into the inbox, all or none, before the 200; then the rest.
+        Meta delivers at least once: the inbox knows what was done, and the rest is idempotent."""
         for reason in webhook.skipped:
             logger.warning("Webhook item skipped: %s", reason)
         for error in webhook.errors:
             logger.warning("Meta reports error code=%s %s: %s", error.code, error.title, error.details)
         for notice in webhook.notices:
             logger.info("Meta notice %s: %s", notice.field, notice.event)
-        for item in webhook.in_order:
-            if not await self.dedup.first_time(dedup_key(item)):
-                logger.info("Duplicate %s %s ignored", type(item).__name__, dedup_key(item).split(":")[1][-12:])
-            elif isinstance(item, StatusUpdate):
+        items = [item for item in webhook.in_order if self._serves(item.phone_number_id)]
+        turns = [turn for turn in map(self._turn_for, items) if turn is not None]
+        try:
+            accepted = set(await self.intake.accept(turns))
+        except Busy as busy:
+            return self._refuse(str(busy))
+        except Exception as error:
+            return self._refuse(f"the inbox could not be written ({type(error).__name__}: {error})")
+        for turn in turns:
+            if turn.key not in accepted:
+                logger.info("Message %s of %s delivered again: done or being handled, not handled twice",
+                            turn.key, masked(turn.sender_id))
+        for item in items:
+            if isinstance(item, StatusUpdate):
                 self._handle_status(item)
-            elif isinstance(item, InboundMessage):
-                self._hand_to_rasa(item, on_new_message)
             elif isinstance(item, CallEvent):
-                self._handle_call(item, on_new_message)
+                logger.info("Call %s %s from %s (%s)", item.call_id[-8:], item.event, masked(item.sender_id), item.direction)
             elif isinstance(item, SystemChange):
                 self._handle_system_change(item)
             elif isinstance(item, UserPreference):
                 self._handle_preference(item)
+        return response.text("EVENT_RECEIVED")
+
+    def _serves(self, phone_number_id: str) -> bool:
+        """An app is often subscribed for several numbers, served by other bots: theirs are not ours."""
+        if phone_number_id in self.config.phone_number_ids:
+            return True
+        if not self.other_numbers[phone_number_id]:
+            logger.warning("Webhook items for business number %s are ignored: this bot serves %s (phone_number_id)",
+                           phone_number_id, ", ".join(self.config.phone_number_ids))
+        self.other_numbers[phone_number_id] += 1
+        return False
+
+    def _turn_for(self, item: Any) -> Optional[PendingTurn]:
+        if isinstance(item, InboundMessage):
+            return self._turn_for_message(item)
+        if isinstance(item, CallEvent):
+            return self._turn_for_call(item)
+        return None
 
     def _handle_status(self, status: StatusUpdate) -> None:
         """In the customer's order, beside their turns: a 131047 fallback must not overtake them."""
@@ -278,19 +351,18 @@ class WhatsAppInput(InputChannel):
         self.turns.submit(status.recipient_id or status.recipient_user_id or status.wamid,
                           lambda: self.outbound.on_status(status))
 
-    def _handle_call(self, call: CallEvent, on_new_message: Callable[[UserMessage], Awaitable[Any]]) -> None:
+    def _turn_for_call(self, call: CallEvent) -> Optional[PendingTurn]:
         """A customer's call restarts the care window: it reaches Rasa as `call_intent`, with
         the call's WhatsApp timestamp, like a message."""
-        logger.info("Call %s %s from %s (%s)", call.call_id[-8:], call.event, masked(call.sender_id), call.direction)
         if not (call.customer_initiated and call.event == "connect" and self.config.call_intent and call.sender_id):
-            return
+            return None
         metadata = {"whatsapp": {
             "type": "call", "call_id": call.call_id, "timestamp": call.timestamp,
             "phone_number_id": call.phone_number_id, "wa_id": call.wa_id, "user_id": call.user_id,
             "profile_name": call.profile_name,
         }}
-        self._submit_turn(call.sender_id, self.config.call_intent, f"call.{call.call_id}", metadata,
-                          float(call.timestamp), call.phone_number_id, on_new_message)
+        return PendingTurn(f"call.{call.call_id}", call.sender_id, self.config.call_intent, metadata,
+                           int(call.timestamp), call.phone_number_id, time.time())
 
     def _handle_system_change(self, change: SystemChange) -> None:
         """A changed number or id: logged so the two conversations can be tied together. The new
@@ -310,9 +382,7 @@ class WhatsAppInput(InputChannel):
             said += [message.reply.id, message.reply.title]
         return any(text.strip().upper() in self.config.opt_out_keywords for text in said if text)
 
-    def _hand_to_rasa(
-        self, message: InboundMessage, on_new_message: Callable[[UserMessage], Awaitable[Any]]
-    ) -> None:
+    def _turn_for_message(self, message: InboundMessage) -> Optional[PendingTurn]:
         text = rasa_text(message, self.config.inbound)
         if text is None:
             errors = ", ".join(f"code={e.code} {e.title}" for e in message.errors)
@@ -321,13 +391,13 @@ class WhatsAppInput(InputChannel):
                 "Message %s (%s) from %s recorded, not for Rasa%s",
                 message.wamid, message.type, masked(message.sender_id), f": {errors}" if errors else "",
             )
-            return
+            return None
         metadata = rasa_metadata(message)
         if self._is_opt_out(message):  # no NLU needed: the keyword is the customer's explicit wish
             metadata["whatsapp"]["opt_out_keyword"] = text
             text = f"/{self.config.opt_out_intent}"
-        self._submit_turn(message.sender_id, text, message.wamid, metadata, float(message.timestamp),
-                          message.phone_number_id, on_new_message)
+        return PendingTurn(message.wamid, message.sender_id, text, metadata, int(message.timestamp),
+                           message.phone_number_id, time.time())
 
     async def _mark_read(self, wamid: str, phone_number_id: str) -> None:
         """Blue ticks, and "typing…" while Rasa works; beside the turn, never holding it up."""
@@ -341,37 +411,35 @@ class WhatsAppInput(InputChannel):
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _submit_turn(
-        self, sender_id: str, text: str, message_id: str, metadata: Dict[str, Any], timestamp: float,
-        phone_number_id: str, on_new_message: Callable[[UserMessage], Awaitable[Any]],
-    ) -> None:
-        opt_out = "opt_out_keyword" in metadata["whatsapp"]
+    async def _run_turn(self, turn: PendingTurn, again: bool) -> None:
+        """One attempt at the turn (the intake retries it); raises if Rasa did not save it."""
+        whatsapp = dict(turn.metadata["whatsapp"])
+        if self.config.mark_read and not again and whatsapp.get("type") != "call":
+            self._background(self._mark_read(turn.key, turn.phone_number_id))
+        said = turn.text
+        choice = await self.outbound.choice_for(turn.sender_id, said) if looks_like_a_choice(said) else None
+        if choice is not None:  # a typed "2" for the latest numbered options
+            whatsapp["typed"] = said
+            said = choice
+        if "opt_out_keyword" in whatsapp:  # stored before the bot confirms it
+            await self.opt_outs.opt_out(turn.sender_id, "keyword")
+        agent = self._agent()
+        guard(agent)
+        user_message = UserMessage(
+            text=said,
+            output_channel=WhatsAppOutput(self, turn, again),
+            sender_id=turn.sender_id,
+            input_channel=self.name(),
+            message_id=turn.key,
+            metadata={**turn.metadata, "whatsapp": whatsapp},
+        )
+        marker = in_channel_turn.set(True)
+        try:
+            await self._on_new_message(user_message)
+        finally:
+            in_channel_turn.reset(marker)
 
-        async def turn() -> None:
-            if self.config.mark_read and metadata["whatsapp"].get("type") != "call":
-                self._background(self._mark_read(message_id, phone_number_id))
-            try:
-                await self.state.note_inbound(sender_id, int(timestamp), phone_number_id)
-            except Exception as error:  # the turn's own timestamp still opens the window for it
-                logger.error("Could not store the message time of %s: %s", masked(sender_id), error)
-            said = text
-            choice = await self.outbound.choice_for(sender_id, text) if looks_like_a_choice(text) else None
-            if choice is not None:  # a typed "2" for the latest numbered options
-                metadata["whatsapp"]["typed"] = text
-                said = choice
-            user_message = UserMessage(
-                text=said,
-                output_channel=WhatsAppOutput(self, in_flight_inbound_at=timestamp, phone_number_id=phone_number_id),
-                sender_id=sender_id,
-                input_channel=self.name(),
-                message_id=message_id,
-                metadata=metadata,
-            )
-            if opt_out:  # stored before the bot confirms it
-                await self.opt_outs.opt_out(sender_id, "keyword")
-            try:
-                await on_new_message(user_message)
-            except Exception:
-                logger.exception("Rasa failed on message %s from %s", message_id, masked(sender_id))
-
-        self.turns.submit(sender_id, turn)
+    async def _already_saved(self, turn: PendingTurn) -> bool:
+        stores = self._stores()
+        reader = TrackerReader(unwrap(stores.tracker_store), turn.sender_id)
+        return await stores.state.run(reader.has_message, turn.key)

@@ -4,6 +4,7 @@ A typo or an empty environment variable should stop `rasa run` with the bad key'
 surface hours later as a 401 from Meta.
 """
 
+import logging
 import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, Mapping, Optional, Tuple
@@ -12,6 +13,8 @@ from urllib.parse import urlparse
 from connector.inbound import InboundOptions
 from connector.templates import InvalidTemplate, TemplateBook
 from connector.window import CareWindowPolicy
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_API_URL = "https://graph.facebook.com"
 DEFAULT_API_VERSION = "v23.0"
@@ -33,6 +36,9 @@ _OPTIONAL = (
     "simulator_clock_url",
     "inbound_intents",
     "redis_url",
+    "max_in_flight",
+    "turn_attempts",
+    "shutdown_deadline_seconds",
     "mark_read",
     "typing_indicator",
     "pacing",
@@ -61,7 +67,8 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class ChannelConfig:
     access_token: str
-    phone_number_id: str
+    phone_number_ids: Tuple[str, ...]
+    """The business numbers this bot serves; webhooks for any other number are not its own."""
     app_secret: str
     verify_token: str
     api_url: str = DEFAULT_API_URL
@@ -79,13 +86,22 @@ class ChannelConfig:
     inbound: InboundOptions = InboundOptions()
     call_intent: Optional[str] = "/whatsapp_call"
     """A customer's call reaches Rasa as this intent (and so restarts the care window)."""
-    redis_url: str = ""
-    """Shared duplicate detection across instances; in-process only when empty."""
+    max_in_flight: int = 200
+    """Customer messages accepted and not yet handled, per instance; past it the webhook is 503."""
+    turn_attempts: int = 8
+    """Attempts of a turn that fails (action server down, Rasa raised) before it is given up."""
+    shutdown_deadline_seconds: float = 20.0
+    """How long in-flight turns may finish after SIGTERM; the rest stays pending for recovery."""
     mark_read: bool = True
     typing_indicator: bool = True
     pacing: Mapping[str, float] = field(default_factory=lambda: {k: v[0] for k, v in _PACING.items()})
     retry_budget_seconds: float = 15.0
     max_body_bytes: int = 1_048_576
+
+    @property
+    def phone_number_id(self) -> str:
+        """The number messages leave from when the customer's own is not known."""
+        return self.phone_number_ids[0]
 
     @property
     def messages_url(self) -> str:
@@ -99,9 +115,8 @@ class ChannelConfig:
         if unknown:
             raise ConfigError(unknown[0], f"is unknown; known keys: {', '.join(_REQUIRED + _OPTIONAL)}")
 
-        values = {key: _required_text(credentials, key) for key in _REQUIRED}
-        if not values["phone_number_id"].isdigit():
-            raise ConfigError("phone_number_id", "must be the numeric id Meta shows, not the phone number")
+        values = {key: _required_text(credentials, key) for key in _REQUIRED if key != "phone_number_id"}
+        numbers = _phone_number_ids(credentials.get("phone_number_id"))
 
         api_url = _optional_text(credentials, "api_url") or DEFAULT_API_URL
         parsed = urlparse(api_url)
@@ -130,8 +145,9 @@ class ChannelConfig:
 
         intents = _inbound_intents(credentials.get("inbound_intents"))
         redis_url = _optional_text(credentials, "redis_url")
-        if redis_url and urlparse(redis_url).scheme not in ("redis", "rediss", "unix"):
-            raise ConfigError("redis_url", f"must be a redis:// URL, got {redis_url!r}")
+        if redis_url:
+            logger.warning("WhatsApp channel setting 'redis_url' is no longer used: duplicates are now detected in the "
+                           "inbox, which lives with the tracker store and is shared by every instance; remove it")
         pacing = credentials.get("pacing") or {}
         if not isinstance(pacing, Mapping) or set(pacing) - set(_PACING):
             unknown = sorted(set(pacing) - set(_PACING)) if isinstance(pacing, Mapping) else []
@@ -141,7 +157,10 @@ class ChannelConfig:
             **values,
             inbound=InboundOptions(**{f"{k}_intent": v for k, v in intents.items() if k != "call"}),
             call_intent=intents["call"],
-            redis_url=redis_url,
+            phone_number_ids=numbers,
+            max_in_flight=int(_number(credentials, "max_in_flight", 200, 1, 100_000, whole=True)),
+            turn_attempts=int(_number(credentials, "turn_attempts", 8, 1, 20, whole=True)),
+            shutdown_deadline_seconds=_number(credentials, "shutdown_deadline_seconds", 20.0, 0, 600, allow_zero=True),
             mark_read=_flag(credentials, "mark_read", True),
             typing_indicator=_flag(credentials, "typing_indicator", True),
             pacing={
@@ -161,6 +180,18 @@ class ChannelConfig:
             api_token=_optional_text(credentials, "api_token"),
             simulator_clock_url=clock_url,
         )
+
+
+def _phone_number_ids(raw: Any) -> Tuple[str, ...]:
+    """One id, a list, or (from an environment variable) ids separated by commas."""
+    if isinstance(raw, (str, int)) and not isinstance(raw, bool):
+        raw = [part for part in str(raw).split(",") if part.strip()]
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError("phone_number_id", "is missing or empty: give the id Meta shows, or a list of them")
+    numbers = tuple(str(number).strip() for number in raw if not isinstance(number, bool))
+    if len(numbers) != len(raw) or not all(number.isdigit() for number in numbers):
+        raise ConfigError("phone_number_id", f"must be the numeric id(s) Meta shows, not phone numbers; got {raw!r}")
+    return tuple(dict.fromkeys(numbers))
 
 
 def _inbound_intents(raw: Any) -> Dict[str, Optional[str]]:

@@ -34,6 +34,12 @@ class PerSenderQueue:
         while self._workers:
             await asyncio.gather(*list(self._workers), return_exceptions=True)
 
+    async def cancel(self) -> None:
+        """Stop every job now (shutdown past its deadline)."""
+        for worker in list(self._workers):
+            worker.cancel()
+        await asyncio.gather(*list(self._workers), return_exceptions=True)
+
     @property
     def busy(self) -> int:
         return len(self._workers)

@@ -15,6 +15,7 @@ record here, and so do the fallbacks that Meta's 131047 calls for.
 """
 
 import asyncio
+import hashlib
 import json
 import logging
 import time
@@ -106,8 +107,14 @@ class OutboundPath:
         phone_number_id: Optional[str] = None,
         fallback_of: Optional[str] = None,
         closed_for: Optional[float] = None,
+        reply_of: Optional[Tuple[str, int]] = None,
+        again: bool = False,
     ) -> None:
-        """One Rasa bot message, every part of it, decided against the window at send time."""
+        """One Rasa bot message, every part of it, decided against the window at send time.
+
+        `reply_of` (the customer message's key, the reply's number in the turn) makes the
+        records' callback ids stable: when a turn runs `again`, a reply an earlier attempt
+        already decided about is not sent twice."""
         rendered = render(message)
         for problem in rendered.problems:  # every part not sent is explained here
             logger.warning("Part of %s to %s not sent: %s", message.get("utter_action") or "a message", masked(sender_id), problem)
@@ -127,24 +134,44 @@ class OutboundPath:
         values = {**slots, **{key: value for key, value in message.items() if value is not None}}
         decision = decide(now, facts, replace(outbound, values=values), self.config.templates, self.config.care_window)
         number = phone_number_id or (customer.reply_number if customer else None)
+        if number not in self.config.phone_number_ids:  # a number this bot no longer serves
+            number = None
         base = OutboundRecord(
-            callback_id="", sender_id=sender_id, decision=decision.kind, window_of=int(facts.last_inbound_at or 0),
+            callback_id=f"{reply_of[0]}#{reply_of[1]}" if reply_of else "", sender_id=sender_id, decision=decision.kind, window_of=int(facts.last_inbound_at or 0),
             at=now, created_at=0.0, response=outbound.response, rendered_with=_jsonable(message), fallback_of=fallback_of,
         )
+        if again and reply_of and not isinstance(decision, SendFreeForm) and await self._decided_before(_new(base)):
+            return
         if isinstance(decision, SendFreeForm):
-            await self._send_free_form(base, rendered, number, in_flight_inbound_at)
+            await self._send_free_form(base, rendered, number, in_flight_inbound_at, again)
         elif isinstance(decision, SendTemplate):
             await self._send_template(replace(base, template=decision.name), decision, number)
         else:
             await self._suppress(base, decision.reason)
 
+    async def _decided_before(self, record: OutboundRecord) -> bool:
+        """This reply (part) of a turn run again: an earlier attempt decided about it (sent it,
+        made it a template, suppressed it), so it is not sent twice."""
+        try:
+            earlier = await self.stores().state.outbound(record.callback_id)
+        except Exception as error:
+            logger.error("Earlier attempt of %s unreadable (sent again): %s", record.callback_id, error)
+            return False
+        if earlier is not None:
+            logger.info("Reply %s to %s was handled by an earlier attempt of the turn: not sent again",
+                        record.callback_id, masked(record.sender_id))
+        return earlier is not None
+
     async def _send_free_form(
         self, base: OutboundRecord, rendered: Rendered, number: Optional[str], in_flight_inbound_at: Optional[float],
+        again: bool = False,
     ) -> None:
         state = self.stores().state
         for index, part in enumerate(rendered.messages):
             last = index == len(rendered.messages) - 1
-            record = _new(base, choices=rendered.numbered_choices if last else ())
+            record = _new(base, index, choices=rendered.numbered_choices if last else ())
+            if again and base.callback_id and await self._decided_before(record):
+                continue
             await self._best_effort(state.add_outbound(record), "store the record of", record)
             try:
                 wamid = await self._send_resolving_unknown(record, part, number)
@@ -302,8 +329,11 @@ def _facts(customer: CustomerState, in_flight_inbound_at: Optional[float]) -> Wi
     return WindowFacts(last_inbound_at=max(known) if known else None, closed_for_inbound=customer.closed_for_inbound)
 
 
-def _new(base: OutboundRecord, **changes: Any) -> OutboundRecord:
-    return replace(base, callback_id=uuid.uuid4().hex, created_at=time.time(), **changes)
+def _new(base: OutboundRecord, part: int = 0, **changes: Any) -> OutboundRecord:
+    """A record of its own: a stable callback id for a turn's reply (the customer message's key,
+    the reply's and the part's number), else a random one."""
+    callback_id = hashlib.sha256(f"{base.callback_id}#{part}".encode()).hexdigest()[:32] if base.callback_id else uuid.uuid4().hex
+    return replace(base, callback_id=callback_id, created_at=time.time(), **changes)
 
 
 def _jsonable(message: Dict[str, Any]) -> Dict[str, Any]:

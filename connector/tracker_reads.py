@@ -63,6 +63,17 @@ class TrackerReader:
                     return message
         return None
 
+    def has_message(self, message_id: str) -> bool:
+        """Whether Rasa saved a turn for this message (its `UserUttered` keeps the wamid)."""
+        if isinstance(self.store, SQLTrackerStore):
+            event = self.store.SQLEvent
+            with self.store.session_scope() as session:
+                rows = session.query(event.data).filter(
+                    event.sender_id == self.sender_id, event.type_name == UserUttered.type_name,
+                    event.data.contains(message_id, autoescape=True)).all()
+            return any(json.loads(data).get("message_id") == message_id for (data,) in rows)
+        return any(isinstance(event, UserUttered) and event.message_id == message_id for event in self._all_events())
+
     def latest_slots(self, names: Iterable[str]) -> Dict[str, Any]:
         """The latest value each slot was set to, across sessions (a session reset does not undo a
         customer's opt-in)."""

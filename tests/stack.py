@@ -70,9 +70,15 @@ class Stack:
         tracker_store: str = "SQL",
         lock_store: str = "connector.lock_store.AtomicRedisLockStore",
         channel_settings: Optional[Dict[str, Any]] = None,
+        order_lookup_seconds: float = 0,
+        redeliver_delays: Optional[str] = None,
+        extra_numbers: tuple = (),
     ) -> None:
         """`tracker_store` and `lock_store` are endpoint types (`in_memory` for a lock store each
-        process keeps to itself); `channel_settings` override keys of the channel's credentials."""
+        process keeps to itself); `channel_settings` override keys of the channel's credentials;
+        `order_lookup_seconds` makes the order-status action slow; `redeliver_delays` are the
+        simulator's (as its --redeliver-delays); `extra_numbers` are more business numbers the
+        bot serves and the simulator knows."""
         self.workdir = workdir
         self.tracker_store = tracker_store
         self.lock_store = lock_store
@@ -86,6 +92,9 @@ class Stack:
             credentials.write_text(yaml.safe_dump(block))
         self.credentials = credentials
         self.follow_up_seconds = follow_up_seconds
+        self.order_lookup_seconds = order_lookup_seconds
+        self.redeliver_delays = redeliver_delays
+        self.extra_numbers = tuple(extra_numbers)
         self.shared = shared
         self.window_errors = window_errors
         self.sim_port, self.actions_port = free_port(), free_port()
@@ -118,7 +127,7 @@ class Stack:
             SQLALCHEMY_SILENCE_UBER_WARNING="1",
             RASA_TELEMETRY_ENABLED="false",
             WHATSAPP_ACCESS_TOKEN=ACCESS_TOKEN,
-            WHATSAPP_PHONE_NUMBER_ID=PHONE_NUMBER_ID,
+            WHATSAPP_PHONE_NUMBER_ID=",".join((PHONE_NUMBER_ID, *self.extra_numbers)),
             WHATSAPP_APP_SECRET=APP_SECRET,
             WHATSAPP_VERIFY_TOKEN=VERIFY_TOKEN,
             WHATSAPP_API_URL=self.sim_url,
@@ -128,6 +137,7 @@ class Stack:
             RASA_URL=self.rasa_url,
             ORDER_FOLLOW_UP_SECONDS=str(self.follow_up_seconds),
             STORE_FAULTS_FILE=str(self.fault_file),
+            ORDER_LOOKUP_SECONDS=str(self.order_lookup_seconds),
         )
         return env
 
@@ -153,9 +163,11 @@ class Stack:
         (self.workdir / "endpoints.yml").write_text(self.endpoints())
         self._spawn("simulator", [
             str(BIN / "python"), "-m", "connector.simulator", "serve", "--port", str(self.sim_port),
-            "--window-errors", self.window_errors,
+            "--window-errors", self.window_errors, "--phone-number-id", PHONE_NUMBER_ID,
+            *(["--redeliver-delays", self.redeliver_delays] if self.redeliver_delays is not None else []),
+            *(["--extra-phone-number-ids", ",".join(self.extra_numbers)] if self.extra_numbers else []),
         ])
-        self._spawn("actions", [str(BIN / "rasa"), "run", "actions", "--actions", "actions", "--port", str(self.actions_port)])
+        self.start_actions(wait=False)
         for instance in range(len(self.rasa_ports)):
             self.start_rasa(instance, wait=False)
         self._wait_ready("simulator", f"{self.sim_url}/_sim/health")
@@ -163,6 +175,24 @@ class Stack:
         for instance in range(len(self.rasa_ports)):
             self._wait_ready(self._rasa_name(instance), f"{self.rasa_urls[instance]}/status?token={self.auth_token}")
         return self
+
+    def start_actions(self, wait: bool = True) -> None:
+        self._spawn("actions", [str(BIN / "rasa"), "run", "actions", "--actions", "actions", "--port", str(self.actions_port)])
+        if wait:
+            self._wait_ready("actions", f"http://127.0.0.1:{self.actions_port}/health")
+
+    def stop_actions(self) -> None:
+        process = self.processes.pop("actions")
+        process.kill()
+        process.wait(timeout=30)
+
+    def terminate_rasa(self, instance: int = 0, timeout: float = 60) -> float:
+        """SIGTERM, as an orchestrator stops a container; the seconds until the process exited."""
+        process = self.processes.pop(self._rasa_name(instance))
+        started = time.monotonic()
+        process.terminate()
+        process.wait(timeout=timeout)
+        return time.monotonic() - started
 
     def start_rasa(self, instance: int = 0, wait: bool = True) -> None:
         name = self._rasa_name(instance)

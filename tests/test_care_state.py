@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from rasa.core.tracker_store import InMemoryTrackerStore, RedisTrackerStore, SQLTrackerStore
 from rasa.shared.core.domain import Domain
 
-from connector.care_state import CareState, OutboundRecord, UnsupportedTrackerStore, backend_for
+from connector.care_state import CareState, OutboundRecord, PendingTurn, UnsupportedTrackerStore, backend_for
 from connector.care_state.sql import SchemaError, SqlBackend
 from tests.services import postgres_settings, redis_settings
 
@@ -135,6 +135,100 @@ def test_recent_records_newest_first(backend, sender):
     for r in records:
         backend.add_outbound(r)
     assert [r.callback_id for r in backend.recent_outbound(sender, 3)] == [r.callback_id for r in records[::-1][:3]]
+
+
+def turn(sender, n, timestamp=1_700_000_000, number="106540352242922"):
+    return PendingTurn(key=f"wamid.{sender}.{n}", sender_id=sender, text=f"message {n}",
+                       metadata={"whatsapp": {"timestamp": timestamp + n, "context": {}}},
+                       timestamp=timestamp + n, phone_number_id=number, received_at=time.time() + n / 1000)
+
+
+def mine(turns, sender):
+    """Redis and PostgreSQL outlive a test run: claims may also find what earlier runs left."""
+    return [t.key for t in turns if t.sender_id == sender]
+
+
+def test_the_inbox_takes_a_message_once_and_opens_the_window_with_it(backend, sender):
+    first, second = turn(sender, 1), turn(sender, 2, number="222")
+    assert backend.accept_turns([first, second, first], "a:1", time.time() + 30) == [first.key, second.key]
+    assert backend.accept_turns([first], "b:1", time.time() + 30) == []  # pending with a:1
+    customer = backend.customer(sender)
+    assert (customer.last_inbound_at, customer.reply_number) == (second.timestamp, "222")
+    backend.turn_done(first.key)
+    assert backend.accept_turns([first], "b:1", time.time() + 30) == []  # done
+    (shown,) = [t for t in backend.turns_of(sender, 10) if t.key == first.key]
+    assert shown.state == "done" and shown.metadata == first.metadata and shown.text == "message 1"
+
+
+def test_a_failed_message_is_taken_back_when_delivered_again(backend, sender):
+    failing = turn(sender, 1)
+    backend.accept_turns([failing], "a:1", time.time() + 30)
+    backend.turn_failed(failing.key, 1, "RuntimeError: down", final=False)
+    (shown,) = backend.turns_of(sender, 10)
+    assert (shown.state, shown.attempts, shown.error) == ("pending", 1, "RuntimeError: down")
+    backend.turn_failed(failing.key, 2, "RuntimeError: still down", final=True)
+    assert backend.turns_of(sender, 10)[0].state == "failed"
+    assert backend.accept_turns([failing], "b:1", time.time() + 30) == [failing.key]
+    (shown,) = backend.turns_of(sender, 10)
+    assert (shown.state, shown.attempts, shown.error) == ("pending", 0, None)
+
+
+def test_concurrent_deliveries_of_one_message_are_taken_by_exactly_one(backend, sender):
+    start = threading.Barrier(8)
+
+    def accept(n):
+        start.wait()
+        return backend.accept_turns([turn(sender, 1)], f"instance:{n}", time.time() + 30)
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        taken = list(pool.map(accept, range(8)))
+    assert sorted(map(len, taken)) == [0] * 7 + [1]
+
+
+def test_expired_leases_are_claimed_with_all_of_the_customers_pending_messages_in_order(backend, sender):
+    now = time.time()
+    turns = [turn(sender, n) for n in (1, 2, 3)]
+    backend.accept_turns(turns[:2], "dead:1", now - 1)  # its lease ran out
+    backend.accept_turns(turns[2:], "alive:1", now + 30)  # the same customer, on a live instance
+    claimed = backend.claim_turns("b:1", now, now + 30, limit=1000)
+    assert mine(claimed, sender) == [t.key for t in turns]  # all of them, so that one runs them in order
+    assert mine(backend.claim_turns("c:1", now, now + 30, limit=1000), sender) == []
+    for t in turns:
+        backend.turn_done(t.key)
+
+
+def test_a_restarted_instance_takes_over_its_own_pending_messages_at_once(backend, sender):
+    now = time.time()
+    pending, done = turn(sender, 1), turn(sender, 2)
+    backend.accept_turns([pending, done], "host:5005", now + 30)
+    backend.turn_done(done.key)
+    assert mine(backend.claim_turns("other:5005", now, now + 30, limit=1000), sender) == []
+    assert mine(backend.claim_turns("host:5005", now, now + 30, limit=1000, take_over="host:5005"), sender) == [pending.key]
+    backend.turn_done(pending.key)
+
+
+def test_renewed_leases_are_not_claimed_and_finished_messages_never_are(backend, sender):
+    now = time.time()
+    kept, given_up = turn(sender, 1), turn(sender, 2)
+    backend.accept_turns([kept, given_up], "a:1", now + 0.5)
+    backend.renew_leases([kept.key, given_up.key], "a:1", now + 100)
+    backend.renew_leases([kept.key], "intruder:1", now - 100)  # only the owner renews
+    backend.turn_failed(given_up.key, 8, "RuntimeError: down", final=True)
+    assert mine(backend.claim_turns("b:1", now + 1, now + 30, limit=1000), sender) == []
+    backend.turn_done(kept.key)
+
+
+def test_finished_messages_are_forgotten_after_the_redelivery_period(backend, sender):
+    old = turn(sender, 1)
+    backend.accept_turns([old], "a:1", time.time() + 30)
+    backend.turn_done(old.key)
+    backend.forget_turns(time.time() - 3600)
+    assert [t.key for t in backend.turns_of(sender, 10)] == [old.key]
+    backend.forget_turns(time.time() + 1)
+    if type(backend).__name__ == "RedisBackend":  # Redis lets them expire on their own
+        assert 0 < backend.red.ttl(backend._key("i", old.key)) <= 8 * 24 * 3600
+    else:
+        assert backend.turns_of(sender, 10) == []
 
 
 async def test_the_async_face_runs_calls_off_the_event_loop(tmp_path, sender):

@@ -208,8 +208,10 @@ def test_rasa_run_refuses_to_start_when_the_state_tables_cannot_be_created(tmp_p
     broken = Stack(tmp_path, tracker_store="tests.faulty_store.FaultySQLTrackerStore")
     broken.fail_store("whatsapp_customers", -1)  # e.g. a database user without DDL rights
     try:
-        with pytest.raises(RuntimeError):
+        try:  # Rasa may answer /status in the moment between its own start and the channel's failing
             broken.start()
+        except RuntimeError:
+            pass
         rasa = broken.processes["rasa"]
         assert rasa.wait(timeout=60) != 0
         log = broken.log("rasa")

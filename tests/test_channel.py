@@ -48,13 +48,17 @@ def channel():
     return WhatsAppInput.from_credentials(CREDENTIALS)
 
 
-@pytest.fixture
-def app(channel):
+def make_app(channel, agent=None, app_class=Sanic):
     Sanic.test_mode = True
-    app = Sanic(f"whatsapp_test_{uuid.uuid4().hex[:8]}")
-    app.ctx.agent = RecordingAgent()
+    app = app_class(f"whatsapp_test_{uuid.uuid4().hex[:8]}")
+    app.ctx.agent = agent or RecordingAgent()
     register([channel], app, route="/webhooks/")
     return app
+
+
+@pytest.fixture
+def app(channel):
+    return make_app(channel)
 
 
 async def post(app, body: bytes, signature="valid"):
@@ -226,12 +230,14 @@ async def test_template_quick_reply_unsubscribe_opts_out_without_nlu(app, channe
     assert [(e.key, e.value) for e in tracker.events if e.type_name == "slot"] == [("whatsapp_opt_in", False)]
 
 
-async def test_replies_leave_from_the_number_the_customer_wrote_to(app, channel):
+async def test_replies_leave_from_the_number_the_customer_wrote_to():
+    channel = WhatsAppInput.from_credentials({**CREDENTIALS, "phone_number_id": ["106540352242922", "222222222222222"]})
+    app = make_app(channel)
     body = webhook("text")
     body["entry"][0]["changes"][0]["value"]["metadata"]["phone_number_id"] = "222222222222222"
-    await post(app, json.dumps(body).encode())
+    assert (await post(app, json.dumps(body).encode())).status == 200
     (message,) = await delivered(app, channel)
-    assert message.output_channel.phone_number_id == "222222222222222"
+    assert message.output_channel.turn.phone_number_id == "222222222222222"
     assert channel.state.backend.customer("16315551181").reply_number == "222222222222222"
 
 

@@ -141,7 +141,7 @@ async def make_client(fake_time):
 
     def make(sim: Sim, request_timeout: float = 5.0, pacer: Optional[Pacer] = None, **kwargs: Any) -> CloudApiClient:
         config = ChannelConfig(
-            access_token=TOKEN, phone_number_id=PNID, app_secret=SECRET, verify_token="v",
+            access_token=TOKEN, phone_number_ids=(PNID,), app_secret=SECRET, verify_token="v",
             api_url=sim.url, request_timeout=request_timeout,
         )
         kwargs.setdefault("random", lambda: 1.0)

@@ -9,9 +9,9 @@ tracker store (same SQL database, same Redis, or in memory beside the in-memory 
 from typing import Any
 
 from connector.care_state.base import CareState, CareStateBackend
-from connector.care_state.records import SENT_STATUSES, CustomerState, OutboundRecord
+from connector.care_state.records import SENT_STATUSES, CustomerState, OutboundRecord, PendingTurn
 
-__all__ = ["CareState", "CareStateBackend", "CustomerState", "OutboundRecord", "SENT_STATUSES",
+__all__ = ["CareState", "CareStateBackend", "CustomerState", "OutboundRecord", "PendingTurn", "SENT_STATUSES",
            "UnsupportedTrackerStore", "backend_for", "unwrap"]
 
 

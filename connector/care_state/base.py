@@ -5,9 +5,9 @@ import asyncio
 from abc import ABC, abstractmethod
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
-from typing import Any, Callable, List, Optional, TypeVar
+from typing import Any, Callable, List, Optional, Sequence, TypeVar
 
-from connector.care_state.records import CustomerState, OutboundRecord
+from connector.care_state.records import CustomerState, OutboundRecord, PendingTurn
 
 T = TypeVar("T")
 
@@ -64,6 +64,42 @@ class CareStateBackend(ABC):
     def recent_outbound(self, sender_id: str, limit: int) -> List[OutboundRecord]:
         """The customer's latest records, newest first."""
 
+    # --- the inbox: customer messages acknowledged to Meta, until Rasa saved their turn -----
+
+    @abstractmethod
+    def accept_turns(self, turns: Sequence[PendingTurn], owner: str, lease_until: float) -> List[str]:
+        """Keep the turns not seen before (and take back those whose handling failed), leased to
+        `owner`, and raise each customer's last message time, in one atomic step. Returns the
+        keys this call made pending: the caller runs those; the rest are done or being handled."""
+
+    @abstractmethod
+    def renew_leases(self, keys: Sequence[str], owner: str, lease_until: float) -> None:
+        """The owner is alive and still working on these (those of its pending turns that it is
+        not working on, e.g. a done-write that failed, run out and are claimed again)."""
+
+    @abstractmethod
+    def claim_turns(self, owner: str, now: float, lease_until: float, limit: int,
+                    take_over: Optional[str] = None) -> List[PendingTurn]:
+        """Pending turns whose lease ran out (or, with `take_over`, that this name owned in an
+        earlier life), taken with ALL of each customer's pending turns so that one instance runs
+        a customer's messages in order. Oldest first."""
+
+    @abstractmethod
+    def turn_failed(self, key: str, attempts: int, error: str, final: bool) -> None:
+        """An attempt failed: counted, and with `final` the turn is given up (`failed`)."""
+
+    @abstractmethod
+    def turn_done(self, key: str) -> None:
+        """Rasa saved the turn; a redelivery of it is dropped from now on."""
+
+    @abstractmethod
+    def turns_of(self, sender_id: str, limit: int) -> List[PendingTurn]:
+        """The customer's latest inbox entries, newest first (the conversation view)."""
+
+    @abstractmethod
+    def forget_turns(self, finished_before: float) -> int:
+        """Drop done and failed entries older than Meta's redelivery period."""
+
 
 class CareState:
     """The async face of a backend. Calls run on a small thread pool of their own, so a stalled
@@ -112,6 +148,28 @@ class CareState:
 
     async def recent_outbound(self, sender_id: str, limit: int = 50) -> List[OutboundRecord]:
         return await self.run(self.backend.recent_outbound, sender_id, limit)
+
+    async def accept_turns(self, turns: Sequence[PendingTurn], owner: str, lease_until: float) -> List[str]:
+        return await self.run(self.backend.accept_turns, turns, owner, lease_until)
+
+    async def renew_leases(self, keys: Sequence[str], owner: str, lease_until: float) -> None:
+        await self.run(self.backend.renew_leases, keys, owner, lease_until)
+
+    async def claim_turns(self, owner: str, now: float, lease_until: float, limit: int,
+                          take_over: Optional[str] = None) -> List[PendingTurn]:
+        return await self.run(self.backend.claim_turns, owner, now, lease_until, limit, take_over)
+
+    async def turn_failed(self, key: str, attempts: int, error: str, final: bool) -> None:
+        await self.run(self.backend.turn_failed, key, attempts, error, final)
+
+    async def turn_done(self, key: str) -> None:
+        await self.run(self.backend.turn_done, key)
+
+    async def turns_of(self, sender_id: str, limit: int = 20) -> List[PendingTurn]:
+        return await self.run(self.backend.turns_of, sender_id, limit)
+
+    async def forget_turns(self, finished_before: float) -> int:
+        return await self.run(self.backend.forget_turns, finished_before)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)

@@ -1,13 +1,22 @@
 """The state for Rasa's in-memory tracker store: one process, so a lock is atomic enough."""
 
 import threading
-from dataclasses import replace
-from typing import Dict, List, Optional, Set, Tuple
+import time
+from dataclasses import dataclass, replace
+from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 from connector.care_state.base import CareStateBackend
-from connector.care_state.records import STATUS_RANK, CustomerState, OutboundRecord
+from connector.care_state.records import STATUS_RANK, CustomerState, OutboundRecord, PendingTurn
 
 _KEPT_PER_CUSTOMER = 200
+
+
+@dataclass(frozen=True)
+class _Entry:
+    turn: PendingTurn
+    owner: Optional[str]
+    lease_until: float
+    finished_at: Optional[float] = None
 
 
 class MemoryBackend(CareStateBackend):
@@ -18,6 +27,7 @@ class MemoryBackend(CareStateBackend):
         self._outbound: Dict[str, OutboundRecord] = {}
         self._by_wamid: Dict[str, str] = {}
         self._by_sender: Dict[str, List[str]] = {}
+        self._inbox: Dict[str, _Entry] = {}
 
     def create_schema(self) -> None:
         pass
@@ -102,3 +112,60 @@ class MemoryBackend(CareStateBackend):
         with self._lock:
             mine = [self._outbound[key] for key in self._by_sender.get(sender_id, ())]
         return sorted(mine, key=lambda r: r.created_at, reverse=True)[:limit]
+
+    # --- the inbox -----------------------------------------------------------------------------
+
+    def accept_turns(self, turns: Sequence[PendingTurn], owner: str, lease_until: float) -> List[str]:
+        accepted: List[str] = []
+        with self._lock:
+            for turn in turns:
+                known = self._inbox.get(turn.key)
+                if known is not None and known.turn.state != "failed":
+                    continue
+                self._inbox[turn.key] = _Entry(replace(turn, state="pending", attempts=0, error=None), owner, lease_until)
+                if turn.key not in accepted:
+                    accepted.append(turn.key)
+        for key in accepted:
+            turn = self._inbox[key].turn
+            self.note_inbound(turn.sender_id, turn.timestamp, turn.phone_number_id)
+        return accepted
+
+    def renew_leases(self, keys: Sequence[str], owner: str, lease_until: float) -> None:
+        with self._lock:
+            for key in keys:
+                entry = self._inbox.get(key)
+                if entry is not None and entry.owner == owner and entry.turn.state == "pending":
+                    self._inbox[key] = replace(entry, lease_until=lease_until)
+
+    def claim_turns(self, owner, now, lease_until, limit, take_over=None):
+        with self._lock:
+            pending = sorted((e for e in self._inbox.values() if e.turn.state == "pending"), key=lambda e: e.turn.received_at)
+            senders = {e.turn.sender_id for e in pending if e.lease_until < now or (take_over and e.owner == take_over)}
+            claimed = [e.turn for e in pending if e.turn.sender_id in senders][:max(limit, 0)]
+            for turn in claimed:
+                self._inbox[turn.key] = replace(self._inbox[turn.key], owner=owner, lease_until=lease_until)
+            return claimed
+
+    def turn_failed(self, key: str, attempts: int, error: str, final: bool) -> None:
+        with self._lock:
+            entry = self._inbox[key]
+            turn = replace(entry.turn, attempts=attempts, error=error, state="failed" if final else entry.turn.state)
+            self._inbox[key] = replace(entry, turn=turn, finished_at=time.time() if final else None)
+
+    def turn_done(self, key: str) -> None:
+        with self._lock:
+            entry = self._inbox[key]
+            self._inbox[key] = replace(entry, turn=replace(entry.turn, state="done", error=None), owner=None,
+                                       finished_at=time.time())
+
+    def turns_of(self, sender_id: str, limit: int) -> List[PendingTurn]:
+        with self._lock:
+            mine = [e.turn for e in self._inbox.values() if e.turn.sender_id == sender_id]
+        return sorted(mine, key=lambda t: t.received_at, reverse=True)[:limit]
+
+    def forget_turns(self, finished_before: float) -> int:
+        with self._lock:
+            old = [k for k, e in self._inbox.items() if e.finished_at is not None and e.finished_at < finished_before]
+            for key in old:
+                del self._inbox[key]
+            return len(old)

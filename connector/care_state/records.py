@@ -65,3 +65,27 @@ def dump_json(value: Any) -> str:
 
 def choices_from_json(raw: Optional[str]) -> Tuple[Tuple[str, str], ...]:
     return tuple((str(n), str(p)) for n, p in json.loads(raw)) if raw else ()
+
+
+@dataclass(frozen=True)
+class PendingTurn:
+    """One customer message (or call) acknowledged to Meta: kept until Rasa has saved its turn,
+    so a crash, a failed turn or a deploy cannot lose it. Keyed by the wamid, which Rasa stores
+    as the `UserUttered`'s message_id."""
+
+    key: str
+    sender_id: str
+    text: str
+    metadata: Mapping[str, Any]
+    """The `UserMessage` metadata (`{"whatsapp": {...}}`)."""
+    timestamp: int
+    """WhatsApp's, for the care window."""
+    phone_number_id: str
+    """The business number the customer wrote to: the reply leaves from it."""
+    received_at: float
+    """The system clock when acknowledged: a customer's turns run in this order."""
+    state: str = "pending"
+    """pending, done or failed."""
+    attempts: int = 0
+    """Attempts that failed so far."""
+    error: Optional[str] = None

@@ -5,14 +5,16 @@ the window's set of template callback ids and adds to it in one step.
 """
 
 import json
+import time
 from dataclasses import asdict
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Sequence
 
 from connector.care_state.base import CareStateBackend
-from connector.care_state.records import STATUS_RANK, CustomerState, OutboundRecord
+from connector.care_state.records import STATUS_RANK, CustomerState, OutboundRecord, PendingTurn, dump_json
 
 TTL_SECONDS = 35 * 24 * 3600  # records and reservations outlive Meta's redelivery and any window
 _KEPT_PER_CUSTOMER = 200
+INBOX_TTL_SECONDS = 8 * 24 * 3600  # a done turn is remembered longer than Meta redelivers (7 days)
 
 _RAISE_FIELD = """
 local current = redis.call('HGET', KEYS[1], ARGV[1])
@@ -53,6 +55,80 @@ redis.call('SET', key, encoded, 'KEEPTTL')
 return encoded
 """
 
+# The inbox: `i:<key>` a hash per turn (its JSON untouched by Lua), `ip` the pending keys by lease
+# end, `io:<owner>` the keys an owner holds, `iq:<sender>` a customer's keys by arrival.
+_ACCEPT = """
+local accepted = {}
+for i = 4, #ARGV, 4 do
+  local n = (i - 4) / 4 * 3
+  local entry, queue, customer = KEYS[n + 3], KEYS[n + 4], KEYS[n + 5]
+  local state = redis.call('HGET', entry, 'state')
+  if (not state) or state == 'failed' then
+    redis.call('HSET', entry, 'turn', ARGV[i + 1], 'sender_id', ARGV[i + 3], 'state', 'pending',
+               'owner', ARGV[1], 'lease_until', ARGV[2], 'attempts', 0, 'error', '', 'finished_at', '')
+    redis.call('EXPIRE', entry, ARGV[3])
+    redis.call('ZADD', KEYS[1], ARGV[2], ARGV[i])
+    redis.call('SADD', KEYS[2], ARGV[i])
+    redis.call('ZADD', queue, ARGV[i + 2], ARGV[i])
+    redis.call('ZREMRANGEBYRANK', queue, 0, -201)
+    redis.call('EXPIRE', queue, ARGV[3])
+    local turn = cjson.decode(ARGV[i + 1])
+    local current = redis.call('HGET', customer, 'last_inbound_at')
+    if (not current) or tonumber(current) < turn['timestamp'] then
+      redis.call('HSET', customer, 'last_inbound_at', turn['timestamp'], 'reply_number', turn['phone_number_id'])
+    end
+    table.insert(accepted, ARGV[i])
+  end
+end
+return accepted
+"""
+_RENEW = """
+for i = 4, #ARGV do
+  local entry = ARGV[3] .. ARGV[i]
+  if redis.call('HGET', entry, 'state') == 'pending' and redis.call('HGET', entry, 'owner') == ARGV[2] then
+    redis.call('HSET', entry, 'lease_until', ARGV[1])
+    redis.call('ZADD', KEYS[1], ARGV[1], ARGV[i])
+  end
+end
+"""
+_CLAIM = """
+local prefix, owner, lease = ARGV[5], ARGV[1], ARGV[3]
+local found = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[2], 'LIMIT', 0, tonumber(ARGV[4]))
+if ARGV[6] ~= '' then
+  for _, key in ipairs(redis.call('SMEMBERS', prefix .. 'io:' .. ARGV[6])) do table.insert(found, key) end
+end
+local senders, claimed = {}, {}
+for _, key in ipairs(found) do
+  local sender = redis.call('HGET', prefix .. 'i:' .. key, 'sender_id')
+  if sender and not senders[sender] then
+    senders[sender] = true
+    for _, mine in ipairs(redis.call('ZRANGE', prefix .. 'iq:' .. sender, 0, -1)) do
+      local entry = prefix .. 'i:' .. mine
+      if redis.call('HGET', entry, 'state') == 'pending' then
+        local before = redis.call('HGET', entry, 'owner')
+        if before then redis.call('SREM', prefix .. 'io:' .. before, mine) end
+        redis.call('HSET', entry, 'owner', owner, 'lease_until', lease)
+        redis.call('ZADD', KEYS[1], lease, mine)
+        redis.call('SADD', KEYS[2], mine)
+        table.insert(claimed, mine)
+      end
+    end
+  end
+  if #claimed >= tonumber(ARGV[4]) then break end
+end
+return claimed
+"""
+_FINISH = """
+local owner = redis.call('HGET', KEYS[1], 'owner')
+redis.call('HSET', KEYS[1], 'attempts', ARGV[2], 'error', ARGV[3])
+if ARGV[1] ~= 'pending' then
+  redis.call('HSET', KEYS[1], 'state', ARGV[1], 'finished_at', ARGV[4], 'owner', '')
+  redis.call('EXPIRE', KEYS[1], ARGV[5])
+  redis.call('ZREM', KEYS[2], ARGV[6])
+  if owner then redis.call('SREM', ARGV[7] .. owner, ARGV[6]) end
+end
+"""
+
 
 class RedisBackend(CareStateBackend):
     def __init__(self, red: Any, prefix: str = "whatsapp:") -> None:
@@ -61,6 +137,10 @@ class RedisBackend(CareStateBackend):
         self._raise_field = red.register_script(_RAISE_FIELD)
         self._reserve = red.register_script(_RESERVE)
         self._update = red.register_script(_UPDATE)
+        self._accept = red.register_script(_ACCEPT)
+        self._renew = red.register_script(_RENEW)
+        self._claim = red.register_script(_CLAIM)
+        self._finish = red.register_script(_FINISH)
 
     def _key(self, kind: str, *parts: Any) -> str:
         return self.prefix + kind + ":" + ":".join(str(part) for part in parts)
@@ -129,6 +209,55 @@ class RedisBackend(CareStateBackend):
         callbacks = self.red.zrevrange(self._key("s", sender_id), 0, limit - 1)
         raws = self.red.mget([self._key("o", _text(c)) for c in callbacks]) if callbacks else []
         return [_load(raw) for raw in raws if raw]
+
+    # --- the inbox ---------------------------------------------------------------------------
+
+    def accept_turns(self, turns: Sequence[PendingTurn], owner: str, lease_until: float) -> List[str]:
+        keys, args = [self._key("ip", ""), self._key("io", owner)], [owner, lease_until, INBOX_TTL_SECONDS]
+        for turn in {turn.key: turn for turn in turns}.values():
+            keys += [self._key("i", turn.key), self._key("iq", turn.sender_id), self._key("c", turn.sender_id)]
+            args += [turn.key, _dump_turn(turn), turn.received_at, turn.sender_id]
+        return [_text(key) for key in self._accept(keys=keys, args=args)]
+
+    def renew_leases(self, keys: Sequence[str], owner: str, lease_until: float) -> None:
+        if keys:
+            self._renew(keys=[self._key("ip", "")], args=[lease_until, owner, self._key("i", ""), *keys])
+
+    def claim_turns(self, owner, now, lease_until, limit, take_over=None):
+        claimed = self._claim(keys=[self._key("ip", ""), self._key("io", owner)],
+                              args=[owner, now, lease_until, limit, self.prefix, take_over or ""])
+        return [turn for turn in (self._turn(_text(key)) for key in claimed) if turn is not None]
+
+    def _turn(self, key: str) -> Optional[PendingTurn]:
+        fields = {_text(k): _text(v) for k, v in self.red.hgetall(self._key("i", key)).items()}
+        if not fields.get("turn"):
+            return None
+        data = json.loads(fields["turn"])
+        return PendingTurn(**{**data, "state": fields.get("state") or "pending",
+                              "attempts": int(fields.get("attempts") or 0), "error": fields.get("error") or None})
+
+    def turn_failed(self, key: str, attempts: int, error: str, final: bool) -> None:
+        self._finish(keys=[self._key("i", key), self._key("ip", "")],
+                     args=["failed" if final else "pending", attempts, error, time.time(), 35 * 24 * 3600, key,
+                           self._key("io", "")])
+
+    def turn_done(self, key: str) -> None:
+        self._finish(keys=[self._key("i", key), self._key("ip", "")],
+                     args=["done", 0, "", time.time(), INBOX_TTL_SECONDS, key, self._key("io", "")])
+
+    def turns_of(self, sender_id: str, limit: int) -> List[PendingTurn]:
+        keys = self.red.zrevrange(self._key("iq", sender_id), 0, limit - 1)
+        return [turn for turn in (self._turn(_text(key)) for key in keys) if turn is not None]
+
+    def forget_turns(self, finished_before: float) -> int:
+        return 0  # finished entries expire on their own
+
+
+def _dump_turn(turn: PendingTurn) -> str:
+    data = asdict(turn)
+    for name in ("state", "attempts", "error"):  # kept as fields of their own
+        data.pop(name)
+    return dump_json(data)
 
 
 def _text(value: Any) -> str:

@@ -8,7 +8,8 @@ Rasa's lock store does.
 
 import json
 import logging
-from typing import Any, Dict, List, Optional
+import time
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
@@ -17,7 +18,7 @@ from sqlalchemy.schema import CreateIndex, CreateTable
 
 from connector.care_state.base import CareStateBackend
 from connector.care_state.records import (
-    STATUS_RANK, CustomerState, OutboundRecord, choices_from_json, dump_json,
+    STATUS_RANK, CustomerState, OutboundRecord, PendingTurn, choices_from_json, dump_json,
 )
 
 logger = logging.getLogger(__name__)
@@ -60,6 +61,25 @@ outbound = sa.Table(
     sa.Index("ix_whatsapp_outbound_wamid", "wamid"),
 )
 
+inbox = sa.Table(
+    "whatsapp_inbox", metadata,
+    sa.Column("turn_key", sa.String(255), primary_key=True),
+    sa.Column("sender_id", sa.String(255), nullable=False),
+    sa.Column("text", sa.Text, nullable=False),
+    sa.Column("message_metadata", sa.Text, nullable=False),
+    sa.Column("wa_timestamp", sa.BigInteger, nullable=False),
+    sa.Column("phone_number_id", sa.String(64), nullable=False),
+    sa.Column("received_at", sa.Float(precision=53), nullable=False),
+    sa.Column("state", sa.String(8), nullable=False),
+    sa.Column("owner", sa.String(255)),
+    sa.Column("lease_until", sa.Float(precision=53)),
+    sa.Column("attempts", sa.Integer, nullable=False, default=0),
+    sa.Column("error", sa.Text),
+    sa.Column("finished_at", sa.Float(precision=53)),
+    sa.Index("ix_whatsapp_inbox_lease", "state", "lease_until"),
+    sa.Index("ix_whatsapp_inbox_sender", "sender_id", "received_at"),
+)
+
 # Rasa indexes `events` by sender_id alone: PostgreSQL then reads a customer's rows newest-first
 # by scanning every row written since (other customers' too). These keep the window reads flat.
 EVENT_INDEXES = {
@@ -78,7 +98,7 @@ class SchemaError(RuntimeError):
 def ddl(engine: sa.engine.Engine) -> str:
     """The statements to create the state's tables, in this database's dialect."""
     statements = [str(CreateTable(table).compile(engine)).strip() for table in metadata.sorted_tables]
-    statements += [str(CreateIndex(index).compile(engine)).strip() for index in outbound.indexes]
+    statements += [str(CreateIndex(index).compile(engine)).strip() for table in (outbound, inbox) for index in table.indexes]
     return ";\n".join(statements) + ";"
 
 
@@ -127,10 +147,8 @@ class SqlBackend(CareStateBackend):
         where the database has INSERT ... ON CONFLICT (SQLite, PostgreSQL): one commit, which is
         what a write costs on SQLite."""
         if self.on_conflict is not None:
-            statement = self.on_conflict(customers).values(**{"sender_id": sender_id, "opt_out_pending": False, **values})
             with self.engine.begin() as connection:
-                connection.execute(statement.on_conflict_do_update(
-                    index_elements=[customers.c.sender_id], set_=values, where=condition))
+                self._upsert_in(connection, sender_id, values, condition)
             return
         where = customers.c.sender_id == sender_id
         statement = sa.update(customers).where(where if condition is None else sa.and_(where, condition))
@@ -147,9 +165,13 @@ class SqlBackend(CareStateBackend):
             except IntegrityError:  # another writer inserted it first: update theirs
                 continue
 
+    def _upsert_in(self, connection: Any, sender_id: str, values: Dict[str, Any], condition: Any) -> None:
+        statement = self.on_conflict(customers).values(**{"sender_id": sender_id, "opt_out_pending": False, **values})
+        connection.execute(statement.on_conflict_do_update(
+            index_elements=[customers.c.sender_id], set_=values, where=condition))
+
     def note_inbound(self, sender_id: str, timestamp: int, phone_number_id: Optional[str]) -> None:
-        older = sa.or_(customers.c.last_inbound_at.is_(None), customers.c.last_inbound_at < timestamp)
-        self._upsert(sender_id, {"last_inbound_at": timestamp, "reply_number": phone_number_id}, older)
+        self._upsert(sender_id, *_inbound(timestamp, phone_number_id))
 
     def close_window(self, sender_id: str, inbound_at: int) -> None:
         older = sa.or_(customers.c.closed_for_inbound.is_(None), customers.c.closed_for_inbound < inbound_at)
@@ -213,6 +235,118 @@ class SqlBackend(CareStateBackend):
                  .order_by(outbound.c.created_at.desc()).limit(limit))
         with self.engine.connect() as connection:
             return [_record(row) for row in connection.execute(query)]
+
+    # --- the inbox ---------------------------------------------------------------------------
+
+    def accept_turns(self, turns: Sequence[PendingTurn], owner: str, lease_until: float) -> List[str]:
+        turns = list({turn.key: turn for turn in turns}.values())
+        lease = {"state": "pending", "owner": owner, "lease_until": lease_until, "attempts": 0, "error": None,
+                 "finished_at": None}
+        for _ in range(3):  # a concurrent insert of the same key: read again, it is theirs
+            try:
+                with self.engine.begin() as connection:
+                    known = dict(connection.execute(sa.select(inbox.c.turn_key, inbox.c.state).where(
+                        inbox.c.turn_key.in_([turn.key for turn in turns]))).all())
+                    fresh = [turn for turn in turns if turn.key not in known]
+                    if fresh:
+                        connection.execute(sa.insert(inbox), [{**_turn_row(turn), **lease} for turn in fresh])
+                    taken_back = [key for key, state in known.items() if state == "failed" and connection.execute(
+                        sa.update(inbox).where(inbox.c.turn_key == key, inbox.c.state == "failed").values(**lease)).rowcount]
+                    accepted = [turn for turn in turns if turn.key in taken_back or turn.key not in known]
+                    latest = _latest_per_customer(accepted)
+                    if self.on_conflict is not None:  # the window opens in the same commit
+                        for sender_id, (timestamp, number) in latest.items():
+                            self._upsert_in(connection, sender_id, *_inbound(timestamp, number))
+                break
+            except IntegrityError:
+                continue
+        else:
+            raise RuntimeError("the inbox kept changing under accept_turns")
+        if self.on_conflict is None:
+            for sender_id, (timestamp, number) in latest.items():
+                self.note_inbound(sender_id, timestamp, number)
+        return [turn.key for turn in accepted]
+
+    def renew_leases(self, keys: Sequence[str], owner: str, lease_until: float) -> None:
+        if not keys:
+            return
+        with self.engine.begin() as connection:
+            connection.execute(sa.update(inbox).where(inbox.c.turn_key.in_(list(keys)), inbox.c.owner == owner,
+                                                      inbox.c.state == "pending").values(lease_until=lease_until))
+
+    def claim_turns(self, owner, now, lease_until, limit, take_over=None):
+        expired = sa.and_(inbox.c.state == "pending", inbox.c.lease_until < now)
+        if take_over is not None:
+            expired = sa.or_(expired, sa.and_(inbox.c.state == "pending", inbox.c.owner == take_over))
+        with self.engine.connect() as connection:
+            senders = [row.sender_id for row in connection.execute(
+                sa.select(inbox.c.sender_id).where(expired).group_by(inbox.c.sender_id)
+                .order_by(sa.func.min(inbox.c.received_at)).limit(limit))]
+        claimed: List[PendingTurn] = []
+        for sender_id in senders:
+            mine = sa.and_(inbox.c.sender_id == sender_id, inbox.c.state == "pending")
+            with self.engine.begin() as connection:
+                # one conditional UPDATE per customer: exactly one instance takes all of them
+                taken = connection.execute(sa.update(inbox).where(mine, expired).values(owner=owner, lease_until=lease_until)).rowcount
+                if taken:
+                    connection.execute(sa.update(inbox).where(mine).values(owner=owner, lease_until=lease_until))
+                    claimed += [_turn(row) for row in connection.execute(
+                        sa.select(inbox).where(mine).order_by(inbox.c.received_at))]
+            if len(claimed) >= limit:
+                break
+        return claimed
+
+    def turn_failed(self, key: str, attempts: int, error: str, final: bool) -> None:
+        values: Dict[str, Any] = {"attempts": attempts, "error": error}
+        if final:
+            values.update(state="failed", finished_at=time.time(), owner=None)
+        with self.engine.begin() as connection:
+            connection.execute(sa.update(inbox).where(inbox.c.turn_key == key).values(**values))
+
+    def turn_done(self, key: str) -> None:
+        with self.engine.begin() as connection:
+            connection.execute(sa.update(inbox).where(inbox.c.turn_key == key).values(
+                state="done", finished_at=time.time(), owner=None, error=None))
+
+    def turns_of(self, sender_id: str, limit: int) -> List[PendingTurn]:
+        query = sa.select(inbox).where(inbox.c.sender_id == sender_id).order_by(inbox.c.received_at.desc()).limit(limit)
+        with self.engine.connect() as connection:
+            return [_turn(row) for row in connection.execute(query)]
+
+    def forget_turns(self, finished_before: float) -> int:
+        with self.engine.begin() as connection:
+            return connection.execute(sa.delete(inbox).where(
+                inbox.c.state != "pending", inbox.c.finished_at < finished_before)).rowcount
+
+
+def _inbound(timestamp: int, phone_number_id: Optional[str]) -> Tuple[Dict[str, Any], Any]:
+    """A customer message's write to their row: raise the last message time, never lower it."""
+    older = sa.or_(customers.c.last_inbound_at.is_(None), customers.c.last_inbound_at < timestamp)
+    return {"last_inbound_at": timestamp, "reply_number": phone_number_id}, older
+
+
+def _latest_per_customer(turns: Sequence[PendingTurn]) -> Dict[str, Tuple[int, str]]:
+    latest: Dict[str, Tuple[int, str]] = {}
+    for turn in turns:
+        if turn.sender_id not in latest or latest[turn.sender_id][0] < turn.timestamp:
+            latest[turn.sender_id] = (turn.timestamp, turn.phone_number_id)
+    return latest
+
+
+def _turn_row(turn: PendingTurn) -> Dict[str, Any]:
+    return {
+        "turn_key": turn.key, "sender_id": turn.sender_id, "text": turn.text,
+        "message_metadata": dump_json(dict(turn.metadata)), "wa_timestamp": turn.timestamp,
+        "phone_number_id": turn.phone_number_id, "received_at": turn.received_at,
+    }
+
+
+def _turn(row: Any) -> PendingTurn:
+    return PendingTurn(
+        key=row.turn_key, sender_id=row.sender_id, text=row.text, metadata=json.loads(row.message_metadata),
+        timestamp=row.wa_timestamp, phone_number_id=row.phone_number_id, received_at=row.received_at,
+        state=row.state, attempts=row.attempts, error=row.error,
+    )
 
 
 def _row(record: OutboundRecord) -> Dict[str, Any]:

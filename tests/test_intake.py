@@ -1,0 +1,190 @@
+"""The intake through the webhook blueprint (Sanic's ASGI client, Rasa's `register`), with an
+agent that fails or hangs on demand: "seen" is not "done", failed turns are retried, the webhook
+pushes back when full or stopping, and other bots' numbers are left alone. The end-to-end
+versions (kill -9, action server down, SIGTERM) are in test_delivery_e2e.py."""
+
+import asyncio
+import json
+
+from sanic import Sanic
+
+from connector.channel import WhatsAppInput
+from connector.intake import TurnInterrupted
+from tests.fixtures.loader import webhook, webhook_body
+from tests.test_channel import CREDENTIALS, RecordingAgent, make_app, post
+
+WAMID = "wamid.HBgLMTYzMTU1NTExODEVAgASGBQM0E0QTY1OTlBRUUwMzgxMDE0NDAAA="
+SENDER = "16315551181"
+
+
+class FlakyAgent(RecordingAgent):
+    """Fails the first `failures` turns (with `error`), or holds every turn until released."""
+
+    def __init__(self, failures=0, error=RuntimeError("tracker store down")):
+        super().__init__()
+        self.failures = failures
+        self.error = error
+        self.calls = 0
+        self.release = asyncio.Event()
+        self.release.set()
+
+    async def handle_message(self, message):
+        self.calls += 1
+        await self.release.wait()
+        if self.calls <= self.failures:
+            raise self.error
+        self.messages.append(message)
+
+
+class LongLived(Sanic):
+    """Starts once and stays up, as a real server does (Sanic's test client would start and stop
+    the server around every request)."""
+
+    async def _server_event(self, concern, action, loop=None):
+        if concern == "init" and not getattr(self.ctx, "started", False):
+            await super()._server_event(concern, action, loop=loop)
+            self.ctx.started = action == "after"
+
+
+def channel_with(agent, **settings):
+    channel = WhatsAppInput.from_credentials({**CREDENTIALS, **settings})
+    channel.intake.first_retry_seconds = 0.01
+    return channel, make_app(channel, agent, LongLived)
+
+
+async def settled(channel):
+    """Every queued job ran, including the inbox writes after the turn."""
+    await channel.turns.drain()
+    while channel.intake.in_flight:
+        await asyncio.sleep(0.01)
+
+
+async def entry(channel, key=WAMID):
+    (found,) = [t for t in await channel.state.turns_of(SENDER) if t.key == key]
+    return found
+
+
+async def test_a_redelivered_message_that_was_handled_is_acknowledged_and_dropped():
+    channel, app = channel_with(RecordingAgent())
+    assert (await post(app, webhook_body("text"))).status == 200
+    await settled(channel)
+    assert len(app.ctx.agent.messages) == 1
+    assert (await entry(channel)).state == "done"
+    assert (await post(app, webhook_body("text"))).status == 200
+    await settled(channel)
+    assert len(app.ctx.agent.messages) == 1
+
+
+async def test_a_redelivery_while_the_message_is_being_handled_is_not_handled_twice():
+    agent = FlakyAgent()
+    agent.release.clear()
+    channel, app = channel_with(agent)
+    assert (await post(app, webhook_body("text"))).status == 200
+    await asyncio.sleep(0.05)
+    assert agent.calls == 1  # in Rasa right now
+    assert (await post(app, webhook_body("text"))).status == 200
+    agent.release.set()
+    await settled(channel)
+    assert agent.calls == 1 and len(agent.messages) == 1
+
+
+async def test_a_failed_turn_is_retried_until_rasa_saves_it():
+    agent = FlakyAgent(failures=2)
+    channel, app = channel_with(agent)
+    assert (await post(app, webhook_body("text"))).status == 200
+    await settled(channel)
+    assert agent.calls == 3 and len(agent.messages) == 1
+    assert (await entry(channel)).state == "done"
+
+
+async def test_an_interrupted_turn_is_retried_and_its_redelivery_waits_for_it():
+    agent = FlakyAgent(failures=1, error=TurnInterrupted("the action server could not be reached"))
+    channel, app = channel_with(agent)
+    channel.intake.first_retry_seconds = 0.3
+    assert (await post(app, webhook_body("text"))).status == 200
+    await asyncio.sleep(0.1)  # the first attempt failed; the retry waits
+    assert (await entry(channel)).attempts == 1
+    assert (await post(app, webhook_body("text"))).status == 200  # Meta delivers it again meanwhile
+    await settled(channel)
+    assert agent.calls == 2 and len(agent.messages) == 1
+
+
+async def test_after_the_last_attempt_the_message_is_failed_visible_and_taken_back_when_redelivered(caplog):
+    agent = FlakyAgent(failures=2, error=RuntimeError("action server down"))
+    channel, app = channel_with(agent, turn_attempts=2, api_token="view")
+    assert (await post(app, webhook_body("text"))).status == 200
+    await settled(channel)
+    assert agent.messages == [] and channel.intake.failed == 1
+    assert "FAILED after 2 attempt(s)" in caplog.text and "action server down" in caplog.text
+    _, view = await app.asgi_client.get(f"/webhooks/whatsapp/conversations/{SENDER}?token=view")
+    (shown,) = view.json["inbox"]
+    assert shown["state"] == "failed" and shown["attempts"] == 2 and "action server down" in shown["error"]
+    _, counts = await app.asgi_client.get("/webhooks/whatsapp/intake?token=view")
+    assert counts.json["failed_turns"] == 1
+
+    assert (await post(app, webhook_body("text"))).status == 200  # Meta redelivers: handled again
+    await settled(channel)
+    assert len(agent.messages) == 1 and (await entry(channel)).state == "done"
+
+
+async def test_past_max_in_flight_the_whole_webhook_is_refused_and_taken_later():
+    agent = FlakyAgent()
+    agent.release.clear()
+    channel, app = channel_with(agent, max_in_flight=3)
+    assert (await post(app, webhook_body("batch_three_customers"))).status == 200
+    assert channel.intake.in_flight == 3
+    refused = await post(app, webhook_body("text"))
+    assert refused.status == 503
+    assert [t for t in await channel.state.turns_of(SENDER) if t.key == WAMID] == []  # nothing of it kept
+    agent.release.set()
+    await settled(channel)
+    assert (await post(app, webhook_body("text"))).status == 200  # Meta's redelivery, later
+    await settled(channel)
+    assert len(agent.messages) == 4
+
+
+async def test_a_batch_larger_than_max_in_flight_is_taken_when_nothing_else_is_in_flight():
+    channel, app = channel_with(FlakyAgent(), max_in_flight=1)
+    assert (await post(app, webhook_body("batch_three_customers"))).status == 200
+    await settled(channel)
+    assert len(app.ctx.agent.messages) == 3
+
+
+async def test_stopping_refuses_new_webhooks_and_leaves_unfinished_turns_pending():
+    agent = FlakyAgent()
+    agent.release.clear()
+    channel, app = channel_with(agent)
+    assert (await post(app, webhook_body("text"))).status == 200
+    await asyncio.sleep(0.05)
+    stopping = asyncio.get_running_loop().create_task(channel.intake.stop(deadline=0.3))
+    await asyncio.sleep(0.05)
+    assert (await post(app, webhook_body("batch_three_customers"))).status == 503
+    await asyncio.wait_for(stopping, 2)
+    assert agent.messages == []
+    assert (await entry(channel)).state == "pending"
+
+    # the next start of this instance takes it over at once
+    agent.release.set()
+    await channel.intake.start(channel.intake.owner)
+    await settled(channel)
+    assert len(agent.messages) == 1 and (await entry(channel)).state == "done"
+
+
+async def test_messages_and_statuses_for_another_business_number_are_acknowledged_and_left_alone(caplog):
+    channel, app = channel_with(FlakyAgent(), mark_read=True, api_token="view")
+    reads = []
+
+    async def mark_read(*args):
+        reads.append(args)
+
+    channel.client.mark_read = mark_read
+    for name in ("text", "status_read", "text"):
+        body = webhook(name)
+        body["entry"][0]["changes"][0]["value"]["metadata"]["phone_number_id"] = "999999999999999"
+        assert (await post(app, json.dumps(body).encode())).status == 200
+    await settled(channel)
+    assert app.ctx.agent.messages == [] and reads == []
+    assert channel.state.backend.customer(SENDER).last_inbound_at is None
+    assert caplog.text.count("business number 999999999999999 are ignored") == 1
+    _, counts = await app.asgi_client.get("/webhooks/whatsapp/intake?token=view")
+    assert counts.json["other_numbers"] == {"999999999999999": 3}
