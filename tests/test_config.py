@@ -38,6 +38,13 @@ def test_defaults_for_empty_api_url_and_version():
         ({"request_timeout": "10"}, "request_timeout"),
         ({"acess_token": "typo"}, "acess_token"),
         ({"access_token": ["a"]}, "access_token"),
+        ({"phone_number_id": []}, "phone_number_id"),
+        ({"phone_number_id": ["106540352242922", "+1 555"]}, "phone_number_id"),
+        ({"phone_number_id": ""}, "phone_number_id"),
+        ({"max_in_flight": 0}, "max_in_flight"),
+        ({"max_in_flight": 2.5}, "max_in_flight"),
+        ({"turn_attempts": 0}, "turn_attempts"),
+        ({"shutdown_deadline_seconds": -1}, "shutdown_deadline_seconds"),
     ],
 )
 def test_bad_setting_is_named(change, bad_key):
@@ -57,3 +64,17 @@ def test_missing_required_key():
     del block["app_secret"]
     with pytest.raises(ConfigError, match="'app_secret' is missing"):
         ChannelConfig.from_credentials(block)
+
+
+@pytest.mark.parametrize("numbers", [["106540352242922", "222222222222222"], "106540352242922, 222222222222222",
+                                     ["106540352242922", 222222222222222, "222222222222222"]])
+def test_several_business_numbers_as_a_list_or_an_environment_variable(numbers):
+    config = ChannelConfig.from_credentials({**VALID, "phone_number_id": numbers})
+    assert config.phone_number_ids == ("106540352242922", "222222222222222")
+    assert config.phone_number_id == "106540352242922"  # where messages leave from when unknown
+
+
+def test_delivery_defaults_and_the_retired_redis_url(caplog):
+    config = ChannelConfig.from_credentials({**VALID, "redis_url": "redis://127.0.0.1:6379/0"})
+    assert (config.max_in_flight, config.turn_attempts, config.shutdown_deadline_seconds) == (200, 8, 20.0)
+    assert "'redis_url' is no longer used" in caplog.text

@@ -3,11 +3,15 @@ and the Redis lock store (POSTGRES_URL, REDIS_URL; both must be running: these t
 never skip). The care window decision is the same on both, and one template per lapsed window
 holds across them and across a restart."""
 
+import json
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.stack import Stack, new_wa_id
+from connector.signature import sign
+from tests.stack import APP_SECRET, Stack, http, new_wa_id
+from tests.test_e2e import webhook_from
 
 pytestmark = [pytest.mark.e2e, pytest.mark.services]
 
@@ -17,11 +21,36 @@ A, B = 0, 1
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
-    stack = Stack(tmp_path_factory.mktemp("multi"), instances=2, shared=True)
+    stack = Stack(tmp_path_factory.mktemp("multi"), instances=2, shared=True, order_lookup_seconds=2)
     try:
         yield stack.start()
     finally:
         stack.stop()
+
+
+def post_to(stack, instance, body):
+    raw = json.dumps(body).encode()
+    return http("POST", f"{stack.rasa_urls[instance]}/webhooks/whatsapp/webhook", raw,
+                headers={"X-Hub-Signature-256": sign(raw, APP_SECRET)})[0]
+
+
+def test_a_message_delivered_to_both_instances_while_one_handles_it_is_handled_once(pair, wa_id):
+    pair.customer_says(wa_id, "hi")  # the simulator, like Meta, lets replies out only to customers who wrote
+    pair.wait_outbound(wa_id, 1)
+    wamid = f"wamid.twice{wa_id}"
+    body = webhook_from(wa_id, [{"from": wa_id, "id": wamid, "timestamp": str(int(pair.sim_now())), "type": "text",
+                                 "text": {"body": "where is order 10042"}}])
+    assert post_to(pair, A, body) == 200
+    time.sleep(0.5)  # A is in the middle of the turn (the order lookup takes 2 s)
+    assert post_to(pair, B, body) == 200  # Meta's redelivery, landing on the other instance
+    replies = pair.wait_outbound(wa_id, 2)
+    assert "10042" in replies[-1]["payload"]["text"]["body"]
+    time.sleep(3)
+    assert len([m for m in pair.conversation(wa_id)["messages"] if m["direction"] == "out"]) == 2
+    events = pair.tracker(wa_id, turns=2)["events"]
+    assert [e["message_id"] for e in events if e["event"] == "user"][-1:] == [wamid]
+    assert sum(e.get("message_id") == wamid for e in events) == 1
+    assert "delivered again: done or being handled" in pair.log("rasa1")
 
 
 def trigger(stack, wa_id, instance):
