@@ -37,8 +37,11 @@ How to read the table:
   ack p50 / p99   from each webhook's SCHEDULED send time to its 200 (open loop: a stalled
                   server delays the requests queued behind it, and that delay counts).
                   Nearest-rank percentiles.
-  vs normal       the run's ack p50 (p99) / the normal run's ack p50 (p99). Near 1x for the
-                  slow store means the slow database does not reach the acknowledgement.
+  vs normal       the run's ack p50 (p99) / the normal run's ack p50 (p99). Since the intake
+                  keeps each message in the inbox before the 200 (README, "Delivery
+                  guarantees"), an ack waits for exactly one state write: with the slow store
+                  expect about 200 ms, not 1x, and 503s once the slow turns fill max_in_flight.
+                  What must not happen is the control's picture: acks held up by the loop.
   loop stall      longest event-loop stall on the server's loop during the run: a watchdog task
                   sleeps 10 ms in a loop and records the largest overshoot. A blocking call on
                   the loop shows up here as its own duration.
@@ -46,7 +49,8 @@ How to read the table:
                   loop's thread; "every store call runs off the loop" means 0.
   replies         replies the simulator accepted / webhooks, and when the last one arrived
                   (seconds after the first webhook was scheduled). With the slow store the
-                  replies are late (8 worker threads, 200 ms a call), the acks are not.
+                  replies are late (8 worker threads, 200 ms a call); "not all" when some
+                  webhooks were refused with 503 (Meta would deliver them again).
   GC pause        the longest garbage collection during the run (gc.callbacks): a full
                   collection of a Rasa process's heap stalls both loops for tens of ms, and
                   explains a stall that is not the store's. A warm-up run (not shown) takes

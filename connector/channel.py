@@ -143,7 +143,7 @@ class WhatsAppInput(InputChannel):
         if agent is None:
             raise RuntimeError("the WhatsApp channel found no Rasa agent at startup")
         store = unwrap(agent.tracker_store)
-        if self.state is None or self._state_of is not store:  # a server started again keeps its state
+        if self._state_of is not store:  # a server started again (tests) keeps its state
             self._backend, self._state_of = backend_for(store), store
         state = CareState(self._backend)
         await state.create_schema()
@@ -236,7 +236,8 @@ class WhatsAppInput(InputChannel):
         @bp.listener("before_server_stop")  # the server still listens: new webhooks get 503
         async def finish_turns(*_: Any) -> None:
             await self.intake.stop(self.config.shutdown_deadline_seconds)
-            await asyncio.wait(self._tasks, timeout=2) if self._tasks else None
+            if self._tasks:  # read receipts still on the wire
+                await asyncio.wait(self._tasks, timeout=2)
             self.opt_outs.close()
 
         @bp.listener("after_server_stop")

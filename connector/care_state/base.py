@@ -105,9 +105,11 @@ class CareState:
     """The async face of a backend. Calls run on a small thread pool of their own, so a stalled
     database holds up only these threads, never the webhook's acknowledgement."""
 
-    def __init__(self, backend: CareStateBackend, threads: int = 8) -> None:
+    def __init__(self, backend: CareStateBackend, threads: int = 8, intake_threads: int = 16) -> None:
         self.backend = backend
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="care-state")
+        self._intake_pool = ThreadPoolExecutor(max_workers=intake_threads, thread_name_prefix="care-state-intake")
+        """The webhook's acknowledgement waits for its inbox write: never behind the outbound path's calls."""
 
     async def run(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Any blocking function on the state's threads, e.g. several backend calls in one hop."""
@@ -150,7 +152,8 @@ class CareState:
         return await self.run(self.backend.recent_outbound, sender_id, limit)
 
     async def accept_turns(self, turns: Sequence[PendingTurn], owner: str, lease_until: float) -> List[str]:
-        return await self.run(self.backend.accept_turns, turns, owner, lease_until)
+        return await asyncio.get_running_loop().run_in_executor(
+            self._intake_pool, self.backend.accept_turns, turns, owner, lease_until)
 
     async def renew_leases(self, keys: Sequence[str], owner: str, lease_until: float) -> None:
         await self.run(self.backend.renew_leases, keys, owner, lease_until)
@@ -173,3 +176,4 @@ class CareState:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)
+        self._intake_pool.shutdown(wait=False)
