@@ -5,6 +5,7 @@ versions (kill -9, action server down, SIGTERM) are in test_delivery_e2e.py."""
 
 import asyncio
 import json
+import time
 
 from sanic import Sanic
 
@@ -188,3 +189,31 @@ async def test_messages_and_statuses_for_another_business_number_are_acknowledge
     assert caplog.text.count("business number 999999999999999 are ignored") == 1
     _, counts = await app.asgi_client.get("/webhooks/whatsapp/intake?token=view")
     assert counts.json["other_numbers"] == {"999999999999999": 3}
+
+
+async def test_a_reply_an_interrupted_attempt_already_sent_is_not_sent_again():
+    class ReplyThenFail(FlakyAgent):
+        async def handle_message(self, message):
+            self.calls += 1
+            await message.output_channel.send_response(message.sender_id, {"text": "Let me look that up"})
+            if self.calls <= self.failures:  # the custom action after the reply could not run
+                raise TurnInterrupted("the action server could not be reached")
+            self.messages.append(message)
+
+    agent = ReplyThenFail(failures=1)
+    channel, app = channel_with(agent)
+    sent = []
+
+    async def send_message(to, message, phone_number_id=None, callback_id=None):
+        sent.append(callback_id)
+        return f"wamid.out{len(sent)}"
+
+    channel.client.send_message = send_message
+    body = webhook("text")
+    body["entry"][0]["changes"][0]["value"]["messages"][0]["timestamp"] = str(int(time.time()))  # window open
+    assert (await post(app, json.dumps(body).encode())).status == 200
+    await settled(channel)
+    assert agent.calls == 2 and len(agent.messages) == 1
+    assert len(sent) == 1
+    (record,) = await channel.state.recent_outbound(SENDER)
+    assert record.callback_id == sent[0] and record.decision == "free_form"
