@@ -99,7 +99,7 @@ class Stack:
         self.window_errors = window_errors
         self.sim_port, self.actions_port = free_port(), free_port()
         self.rasa_ports = [free_port() for _ in range(instances)]
-        self.auth_token = secrets.token_urlsafe(16)
+        self.auth_token = secrets.token_hex(16)  # never starts with "-", which rasa run would read as a flag
         self.processes: Dict[str, subprocess.Popen] = {}
         self.logs: Dict[str, Path] = {}
 
