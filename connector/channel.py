@@ -102,8 +102,6 @@ class WhatsAppInput(InputChannel):
         self.turns = PerSenderQueue()
         self.state: Optional[CareState] = None
         """Made at startup from Rasa's tracker store (see `open_state`)."""
-        self._backend: Any = None
-        self._state_of: Any = None
         self.opt_outs = OptOuts(config.opt_in_slot, self._stores, self._lock)
         self.outbound = OutboundPath(config, self.client, self.clock.now, self._stores, self.opt_outs.counts_as_opted_out)
         self.intake = Intake(lambda: self._stores().state, self.turns, self._run_turn, self._already_saved,
@@ -142,10 +140,7 @@ class WhatsAppInput(InputChannel):
         agent = self._agent()
         if agent is None:
             raise RuntimeError("the WhatsApp channel found no Rasa agent at startup")
-        store = unwrap(agent.tracker_store)
-        if self._state_of is not store:  # a server started again (tests) keeps its state
-            self._backend, self._state_of = backend_for(store), store
-        state = CareState(self._backend)
+        state = CareState(backend_for(agent.tracker_store))
         await state.create_schema()
         self.state = state
         owner = f"{socket.gethostname()}:{app.state.port}"

@@ -48,9 +48,19 @@ def channel():
     return WhatsAppInput.from_credentials(CREDENTIALS)
 
 
-def make_app(channel, agent=None, app_class=Sanic):
+class LongLived(Sanic):
+    """Starts once and stays up, as a real server does (Sanic's test client would start and stop
+    the server around every request)."""
+
+    async def _server_event(self, concern, action, loop=None):
+        if concern == "init" and not getattr(self.ctx, "started", False):
+            await super()._server_event(concern, action, loop=loop)
+            self.ctx.started = action == "after"
+
+
+def make_app(channel, agent=None):
     Sanic.test_mode = True
-    app = app_class(f"whatsapp_test_{uuid.uuid4().hex[:8]}")
+    app = LongLived(f"whatsapp_test_{uuid.uuid4().hex[:8]}")
     app.ctx.agent = agent or RecordingAgent()
     register([channel], app, route="/webhooks/")
     return app

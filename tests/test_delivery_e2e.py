@@ -56,6 +56,7 @@ def test_a_turn_cut_short_by_kill_9_is_answered_once_by_the_restarted_instance(s
     assert len(outbound(stack, wa_id)) == 1
     assert user_turns(stack, wa_id, 1) == [wamid]
     assert inbox(stack, wa_id)[wamid]["state"] == "done"
+    assert "left by this instance's last run" in stack.log("rasa")  # taken over at start, not after the lease
 
 
 def test_the_answer_comes_once_the_action_server_is_back_after_30_s(stack):
@@ -107,6 +108,10 @@ def test_replies_leave_from_the_number_the_customer_wrote_to(stack):
     (inbound,) = [m for m in stack.conversation(wa_id)["messages"] if m["direction"] == "in"]
     assert inbound["read_by_phone_number_id"] == SECOND_NUMBER
     assert stack.window(wa_id)["reply_number"] == SECOND_NUMBER
+    stack.kill_rasa()
+    stack.start_rasa()  # a message the bot starts itself, from a process that never saw the customer
+    stack.rasa("POST", f"/conversations/{wa_id}/trigger_intent?output_channel=whatsapp", {"name": "greet"})
+    assert stack.wait_outbound(wa_id, 2)[-1]["from_phone_number_id"] == SECOND_NUMBER
 
 
 def test_sigterm_under_traffic_exits_within_the_deadline_and_the_next_start_answers_the_rest(stack):

@@ -7,7 +7,6 @@ import asyncio
 import json
 import time
 
-from sanic import Sanic
 
 from connector.channel import WhatsAppInput
 from connector.intake import TurnInterrupted
@@ -37,20 +36,10 @@ class FlakyAgent(RecordingAgent):
         self.messages.append(message)
 
 
-class LongLived(Sanic):
-    """Starts once and stays up, as a real server does (Sanic's test client would start and stop
-    the server around every request)."""
-
-    async def _server_event(self, concern, action, loop=None):
-        if concern == "init" and not getattr(self.ctx, "started", False):
-            await super()._server_event(concern, action, loop=loop)
-            self.ctx.started = action == "after"
-
-
 def channel_with(agent, **settings):
     channel = WhatsAppInput.from_credentials({**CREDENTIALS, **settings})
     channel.intake.first_retry_seconds = 0.01
-    return channel, make_app(channel, agent, LongLived)
+    return channel, make_app(channel, agent)
 
 
 async def settled(channel):

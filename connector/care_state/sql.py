@@ -250,9 +250,12 @@ class SqlBackend(CareStateBackend):
                     fresh = [turn for turn in turns if turn.key not in known]
                     if fresh:
                         connection.execute(sa.insert(inbox), [{**_turn_row(turn), **lease} for turn in fresh])
-                    taken_back = [key for key, state in known.items() if state == "failed" and connection.execute(
-                        sa.update(inbox).where(inbox.c.turn_key == key, inbox.c.state == "failed").values(**lease)).rowcount]
-                    accepted = [turn for turn in turns if turn.key in taken_back or turn.key not in known]
+                    failed = []  # handled again, leased to this owner; per key: a racing writer takes it or we do
+                    for key in (key for key, state in known.items() if state == "failed"):
+                        if connection.execute(sa.update(inbox).where(
+                                inbox.c.turn_key == key, inbox.c.state == "failed").values(**lease)).rowcount:
+                            failed.append(key)
+                    accepted = [turn for turn in turns if turn.key not in known or turn.key in failed]
                     latest = _latest_per_customer(accepted)
                     if self.on_conflict is not None:  # the window opens in the same commit
                         for sender_id, (timestamp, number) in latest.items():
