@@ -17,7 +17,7 @@ fi
 export WHATSAPP_SIMULATOR_CLOCK_URL=${WHATSAPP_SIMULATOR_CLOCK_URL:-}
 export SIM_BOT_WEBHOOK_URL=${SIM_BOT_WEBHOOK_URL:-http://127.0.0.1:5005/webhooks/whatsapp/webhook}
 if [ -z "${RASA_AUTH_TOKEN:-}" ]; then
-  RASA_AUTH_TOKEN=$("$VENV/bin/python" -c 'import secrets; print(secrets.token_urlsafe(24))')
+  RASA_AUTH_TOKEN=$("$VENV/bin/python" -c 'import secrets; print(secrets.token_hex(24))')  # hex: never a leading "-" (a flag to rasa)
   echo "run: RASA_AUTH_TOKEN was not set; this run's HTTP API token is $RASA_AUTH_TOKEN"
 fi
 export RASA_AUTH_TOKEN
