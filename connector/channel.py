@@ -195,8 +195,6 @@ class WhatsAppInput(InputChannel):
             except (ValueError, MalformedWebhook) as problem:
                 logger.warning("Webhook refused: %s", problem)
                 return response.text(f"malformed webhook: {problem}", status=400)
-            if self.intake.stopping:
-                return self._refuse("shutting down")
             if not self._ready.is_set():
                 try:
                     await asyncio.wait_for(self._ready.wait(), timeout=10)
