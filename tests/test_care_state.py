@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from rasa.core.tracker_store import InMemoryTrackerStore, RedisTrackerStore, SQLTrackerStore
 from rasa.shared.core.domain import Domain
 
-from connector.care_state import CareState, OutboundRecord, PendingTurn, UnsupportedTrackerStore, backend_for
+from connector.care_state import CareState, DeskEvent, OutboundRecord, PendingTurn, UnsupportedTrackerStore, backend_for
 from connector.care_state.sql import SchemaError, SqlBackend
 from tests.services import postgres_settings, redis_settings
 
@@ -229,6 +229,233 @@ def test_finished_messages_are_forgotten_after_the_redelivery_period(backend, se
         assert 0 < backend.red.ttl(backend._key("i", old.key)) <= 8 * 24 * 3600
     else:
         assert backend.turns_of(sender, 10) == []
+
+
+# --- handoffs and the desk's events -----------------------------------------------------------
+
+def test_a_handoff_starts_and_ends_exactly_once(backend, sender):
+    assert backend.handoff(sender) is None
+    assert backend.start_handoff(sender, 1000.5, "asked for a person")
+    assert not backend.start_handoff(sender, 2000.0, "again")  # the first one stays
+    shown = backend.handoff(sender)
+    assert (shown.since, shown.reason, shown.closing_sent_for) == (1000.5, "asked for a person", None)
+    assert backend.end_handoff(sender)
+    assert not backend.end_handoff(sender)
+    assert backend.handoff(sender) is None
+    assert backend.start_handoff(sender, 3000.0, None) and backend.handoff(sender).reason is None
+    backend.end_handoff(sender)
+
+
+def test_concurrent_handoffs_of_one_customer_start_and_end_once(backend, sender):
+    start = threading.Barrier(16)
+
+    def race(call):
+        def run(_):
+            start.wait()
+            return call()
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            return list(pool.map(run, range(16)))
+
+    assert race(lambda: backend.start_handoff(sender, time.time(), "busy")).count(True) == 1
+    assert race(lambda: backend.end_handoff(sender)).count(True) == 1
+
+
+def test_open_handoffs_oldest_first_with_the_customers_last_message(backend, sender):
+    older, newer, quiet = f"{sender}-a", f"{sender}-b", f"{sender}-c"
+    now = time.time()
+    backend.note_inbound(older, 1_700_000_100, "111")
+    backend.note_inbound(newer, 1_700_000_200, "111")
+    backend.start_handoff(newer, now + 2, "order")
+    backend.start_handoff(older, now + 1, None)
+    backend.start_handoff(quiet, now + 3, None)  # no customer state at all
+    shown = [h for h in backend.handoffs(10_000) if h.sender_id.startswith(sender)]
+    assert [(h.sender_id, h.last_inbound_at) for h in shown] == [
+        (older, 1_700_000_100), (newer, 1_700_000_200), (quiet, None)]
+    assert backend.handoff(newer).last_inbound_at == 1_700_000_200 and backend.handoff(newer).reason == "order"
+    backend.end_handoff(older)
+    assert [h.sender_id for h in backend.handoffs(10_000) if h.sender_id.startswith(sender)] == [newer, quiet]
+    for other in (newer, quiet):
+        backend.end_handoff(other)
+
+
+def test_the_window_closing_warning_is_marked_once_per_window(backend, sender):
+    assert not backend.mark_window_closing(sender, 1_700_000_100)  # no handoff
+    backend.start_handoff(sender, time.time(), None)
+    assert backend.mark_window_closing(sender, 1_700_000_100)
+    assert not backend.mark_window_closing(sender, 1_700_000_100)
+    assert not backend.mark_window_closing(sender, 1_700_000_050)  # an older window
+    assert backend.handoff(sender).closing_sent_for == 1_700_000_100
+    assert backend.mark_window_closing(sender, 1_700_000_200)  # the customer wrote again
+    assert backend.handoff(sender).closing_sent_for == 1_700_000_200
+    backend.end_handoff(sender)
+
+
+def test_concurrent_window_closing_marks_win_once(backend, sender):
+    backend.start_handoff(sender, time.time(), None)
+    start = threading.Barrier(8)
+
+    def mark(_):
+        start.wait()
+        return backend.mark_window_closing(sender, 1_700_000_100)
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        assert list(pool.map(mark, range(8))).count(True) == 1
+    backend.end_handoff(sender)
+
+
+def desk_event(sender, n, **changes):
+    values = dict(event_id=f"{sender}.event.{n}", sender_id=sender, created_at=time.time(),
+                  body={"type": "message", "n": n, "text": "Bonjour, où est ma commande ?"})
+    values.update(changes)
+    return DeskEvent(**values)
+
+
+def ids(events, *senders):
+    """Like `mine`: PostgreSQL and Redis may hold events other runs left (claimers are named
+    after the test's sender, so that none of them holds a lease of an earlier run)."""
+    return [e.event_id for e in events if e.sender_id in senders]
+
+
+def forget_desk_events(backend, *senders):
+    for sender in senders:
+        for event in backend.desk_backlog(sender, 1000):
+            backend.desk_event_delivered(event.event_id)
+
+
+def test_a_desk_event_is_stored_once_by_its_id(backend, sender):
+    first = desk_event(sender, 1)
+    assert backend.add_desk_event(first, limit=10)
+    assert backend.add_desk_event(desk_event(sender, 1, body={"changed": True}), limit=10)  # a retried turn
+    (stored,) = backend.desk_backlog(sender, 10)
+    assert (stored.event_id, stored.body, stored.created_at) == (first.event_id, first.body, first.created_at)
+    assert stored.seq > 0 and (stored.attempts, stored.next_attempt_at, stored.error) == (0, 0.0, None)
+    forget_desk_events(backend, sender)
+
+
+def test_a_full_backlog_refuses_the_next_event_and_stores_nothing(backend, sender):
+    for n in range(3):
+        assert backend.add_desk_event(desk_event(sender, n), limit=3)
+    assert not backend.add_desk_event(desk_event(sender, 3), limit=3)
+    assert backend.add_desk_event(desk_event(sender, 2), limit=3)  # already stored: not refused
+    assert ids(backend.desk_backlog(sender, 10), sender) == [f"{sender}.event.{n}" for n in range(3)]
+    assert backend.add_desk_event(desk_event(f"{sender}-other", 0), limit=3)  # the limit is per customer
+    backend.desk_event_delivered(f"{sender}.event.0")
+    assert backend.add_desk_event(desk_event(sender, 3), limit=3)
+    assert [e.seq for e in backend.desk_backlog(sender, 10)] == sorted(e.seq for e in backend.desk_backlog(sender, 10))
+    forget_desk_events(backend, sender, f"{sender}-other")
+
+
+def test_concurrent_adds_store_an_event_once_and_never_exceed_the_limit(backend, sender):
+    start = threading.Barrier(16)
+
+    def add(n):
+        start.wait()
+        return backend.add_desk_event(desk_event(sender, n % 8), limit=5)  # each id twice
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        added = list(pool.map(add, range(16)))
+    stored = backend.desk_backlog(sender, 100)
+    assert len(stored) == 5 and len({e.event_id for e in stored}) == 5
+    assert sorted(added) == [False] * 6 + [True] * 10  # 3 ids refused twice; 5 stored, their twin kept once
+    forget_desk_events(backend, sender)
+
+
+def claim(backend, owner, now, *senders, lease=30.0, limit=1000):
+    """The ids of these customers' events that `owner` claims at `now`."""
+    return ids(backend.claim_desk_events(owner, now, now + lease, limit), *senders)
+
+
+def test_only_each_customers_oldest_event_is_claimed_in_order(backend, sender):
+    other, desk = f"{sender}-other", f"{sender}/desk"  # a claimer of this test only
+    for event in (desk_event(sender, 1), desk_event(other, 1), desk_event(sender, 2)):
+        backend.add_desk_event(event, limit=10)
+    now = time.time()
+    claimed = backend.claim_desk_events(desk, now, now + 30, limit=1000)
+    assert ids(claimed, sender, other) == [f"{sender}.event.1", f"{other}.event.1"]
+    (first,) = [e for e in claimed if e.event_id == f"{sender}.event.1"]
+    assert first.body == desk_event(sender, 1).body and first.seq > 0
+    backend.desk_event_delivered(f"{sender}.event.1")
+    backend.desk_event_delivered(f"{other}.event.1")
+    assert claim(backend, desk, now, sender, other) == [f"{sender}.event.2"]
+    forget_desk_events(backend, sender, other)
+
+
+def test_a_failed_event_holds_back_its_customers_later_events_only(backend, sender):
+    other, first_desk, second_desk = f"{sender}-other", f"{sender}/desk:1", f"{sender}/desk:2"
+    for event in (desk_event(sender, 1), desk_event(sender, 2), desk_event(other, 1)):
+        backend.add_desk_event(event, limit=10)
+    now = time.time()
+    assert claim(backend, first_desk, now, sender) == [f"{sender}.event.1"]
+    backend.desk_event_failed(f"{sender}.event.1", 1, "HTTP 503", next_attempt_at=now + 60)
+    backend.desk_event_delivered(f"{other}.event.1")
+    backend.add_desk_event(desk_event(other, 2), limit=10)
+    assert claim(backend, second_desk, now + 1, sender, other) == [f"{other}.event.2"]
+    assert claim(backend, second_desk, now + 60, sender) == [f"{sender}.event.1"]
+    (retried, waiting) = backend.desk_backlog(sender, 10)
+    assert (retried.attempts, retried.error, retried.next_attempt_at) == (1, "HTTP 503", now + 60)
+    assert waiting.event_id == f"{sender}.event.2" and waiting.attempts == 0
+    forget_desk_events(backend, sender, other)
+
+
+def test_a_leased_event_is_claimed_again_only_by_its_owner_or_after_the_lease(backend, sender):
+    a, b, event_id = f"{sender}/desk:a", f"{sender}/desk:b", f"{sender}.event.1"
+    backend.add_desk_event(desk_event(sender, 1), limit=10)
+    now = time.time()
+    assert claim(backend, a, now, sender) == [event_id]  # leased until now + 30
+    assert claim(backend, b, now + 10, sender) == []
+    assert claim(backend, a, now + 10, sender) == [event_id]  # its own again: until now + 40
+    assert claim(backend, b, now + 35, sender) == []
+    assert claim(backend, b, now + 41, sender) == [event_id]
+    assert claim(backend, a, now + 42, sender) == []  # b has it now
+    forget_desk_events(backend, sender)
+
+
+def test_a_delivered_event_leaves_the_backlog_and_the_next_becomes_claimable(backend, sender):
+    for n in (1, 2, 3):
+        backend.add_desk_event(desk_event(sender, n), limit=10)
+    now = time.time()
+    delivered = []
+    for round_ in range(4):
+        claimed = claim(backend, f"{sender}/desk", now + round_, sender)
+        assert len(claimed) <= 1
+        for event_id in claimed:
+            backend.desk_event_delivered(event_id)
+            delivered.append(event_id)
+    assert delivered == [f"{sender}.event.{n}" for n in (1, 2, 3)]
+    assert backend.desk_backlog(sender, 10) == []
+    backend.desk_event_delivered(f"{sender}.event.1")  # twice: nothing to do
+
+
+def test_claims_stop_at_the_limit_oldest_events_first(backend, sender):
+    now = time.time()
+    backend.claim_desk_events(f"{sender}/sweeper", now, now + 3600, limit=100_000)  # what other runs left
+    senders = [f"{sender}-{n}" for n in range(3)]
+    for s in senders:
+        backend.add_desk_event(desk_event(s, 1), limit=10)
+    first = backend.claim_desk_events(f"{sender}/desk:1", now, now + 30, limit=2)
+    assert [e.sender_id for e in first] == senders[:2] and first[0].seq < first[1].seq
+    backend.desk_event_failed(f"{senders[0]}.event.1", 1, "timeout", next_attempt_at=now)  # due again at once
+    second = backend.claim_desk_events(f"{sender}/desk:2", now, now + 30, limit=2)
+    assert [e.sender_id for e in second] == [senders[0], senders[2]]  # senders[1]'s is leased to desk:1
+    forget_desk_events(backend, *senders)
+
+
+def test_concurrent_claimers_never_take_the_same_event(backend, sender):
+    senders = [f"{sender}-{n}" for n in range(12)]
+    for s in senders:
+        for n in (1, 2):
+            backend.add_desk_event(desk_event(s, n), limit=10)
+    now = time.time()
+    start = threading.Barrier(8)
+
+    def race(n):
+        start.wait()
+        return claim(backend, f"{sender}/desk:{n}", now, *senders)
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        claimed = [event_id for taken in pool.map(race, range(8)) for event_id in taken]
+    assert sorted(claimed) == sorted(f"{s}.event.1" for s in senders)  # every head, once; no later event
+    forget_desk_events(backend, *senders)
 
 
 async def test_the_async_face_runs_calls_off_the_event_loop(tmp_path, sender):

@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any, Callable, List, Optional, Sequence, TypeVar
 
-from connector.care_state.records import CustomerState, OutboundRecord, PendingTurn
+from connector.care_state.records import CustomerState, DeskEvent, Handoff, OutboundRecord, PendingTurn
 
 T = TypeVar("T")
 
@@ -100,6 +100,49 @@ class CareStateBackend(ABC):
     def forget_turns(self, finished_before: float) -> int:
         """Drop done and failed entries older than Meta's redelivery period."""
 
+    # --- handoffs: conversations with a person, and the events the desk receives -----------
+
+    @abstractmethod
+    def start_handoff(self, sender_id: str, since: float, reason: Optional[str]) -> bool:
+        """Register the handoff; True only for the call that started it (one `handoff` event)."""
+
+    @abstractmethod
+    def end_handoff(self, sender_id: str) -> bool:
+        """True only for the call that ended it (one `resumed` event)."""
+
+    @abstractmethod
+    def handoffs(self, limit: int) -> List[Handoff]:
+        """The open handoffs, oldest first, each with its customer's `last_inbound_at`."""
+
+    @abstractmethod
+    def handoff(self, sender_id: str) -> Optional[Handoff]: ...
+
+    @abstractmethod
+    def mark_window_closing(self, sender_id: str, window_of: int) -> bool:
+        """True only for the call that marked this window of an open handoff as warned about."""
+
+    @abstractmethod
+    def add_desk_event(self, event: DeskEvent, limit: int) -> bool:
+        """Store the event (an `event_id` already stored is kept once), unless the customer
+        already has `limit` undelivered events: then False and nothing is stored."""
+
+    @abstractmethod
+    def claim_desk_events(self, owner: str, now: float, lease_until: float, limit: int) -> List[DeskEvent]:
+        """The oldest undelivered event of each customer, if it is due and not leased by
+        another owner, leased to `owner`: one at a time per customer keeps their order."""
+
+    @abstractmethod
+    def desk_event_delivered(self, event_id: str) -> None:
+        """The desk took it: forgotten."""
+
+    @abstractmethod
+    def desk_event_failed(self, event_id: str, attempts: int, error: str, next_attempt_at: float) -> None:
+        """Released for a later attempt (the customer's later events wait behind it)."""
+
+    @abstractmethod
+    def desk_backlog(self, sender_id: str, limit: int) -> List[DeskEvent]:
+        """The customer's undelivered events, oldest first."""
+
 
 class CareState:
     """The async face of a backend. Calls run on a small thread pool of their own, so a stalled
@@ -173,6 +216,36 @@ class CareState:
 
     async def forget_turns(self, finished_before: float) -> int:
         return await self.run(self.backend.forget_turns, finished_before)
+
+    async def start_handoff(self, sender_id: str, since: float, reason: Optional[str]) -> bool:
+        return await self.run(self.backend.start_handoff, sender_id, since, reason)
+
+    async def end_handoff(self, sender_id: str) -> bool:
+        return await self.run(self.backend.end_handoff, sender_id)
+
+    async def handoffs(self, limit: int = 500) -> List[Handoff]:
+        return await self.run(self.backend.handoffs, limit)
+
+    async def handoff(self, sender_id: str) -> Optional[Handoff]:
+        return await self.run(self.backend.handoff, sender_id)
+
+    async def mark_window_closing(self, sender_id: str, window_of: int) -> bool:
+        return await self.run(self.backend.mark_window_closing, sender_id, window_of)
+
+    async def add_desk_event(self, event: DeskEvent, limit: int) -> bool:
+        return await self.run(self.backend.add_desk_event, event, limit)
+
+    async def claim_desk_events(self, owner: str, now: float, lease_until: float, limit: int) -> List[DeskEvent]:
+        return await self.run(self.backend.claim_desk_events, owner, now, lease_until, limit)
+
+    async def desk_event_delivered(self, event_id: str) -> None:
+        await self.run(self.backend.desk_event_delivered, event_id)
+
+    async def desk_event_failed(self, event_id: str, attempts: int, error: str, next_attempt_at: float) -> None:
+        await self.run(self.backend.desk_event_failed, event_id, attempts, error, next_attempt_at)
+
+    async def desk_backlog(self, sender_id: str, limit: int = 100) -> List[DeskEvent]:
+        return await self.run(self.backend.desk_backlog, sender_id, limit)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)

@@ -6,7 +6,7 @@ from dataclasses import dataclass, replace
 from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 from connector.care_state.base import CareStateBackend
-from connector.care_state.records import STATUS_RANK, CustomerState, OutboundRecord, PendingTurn
+from connector.care_state.records import STATUS_RANK, CustomerState, DeskEvent, Handoff, OutboundRecord, PendingTurn
 
 _KEPT_PER_CUSTOMER = 200
 
@@ -19,6 +19,13 @@ class _Entry:
     finished_at: Optional[float] = None
 
 
+@dataclass(frozen=True)
+class _Desk:
+    event: DeskEvent
+    owner: Optional[str] = None
+    lease_until: Optional[float] = None
+
+
 class MemoryBackend(CareStateBackend):
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -28,6 +35,12 @@ class MemoryBackend(CareStateBackend):
         self._by_wamid: Dict[str, str] = {}
         self._by_sender: Dict[str, List[str]] = {}
         self._inbox: Dict[str, _Entry] = {}
+        self._handoffs: Dict[str, Handoff] = {}
+        self._desk: Dict[str, _Desk] = {}
+        """Undelivered desk events by event id."""
+        self._desk_queues: Dict[str, List[str]] = {}
+        """A customer's undelivered event ids, in seq order (the head first)."""
+        self._desk_seq = 0
 
     def create_schema(self) -> None:
         pass
@@ -169,3 +182,82 @@ class MemoryBackend(CareStateBackend):
             for key in old:
                 del self._inbox[key]
             return len(old)
+
+    # --- handoffs and the desk's events ------------------------------------------------------
+
+    def start_handoff(self, sender_id: str, since: float, reason: Optional[str]) -> bool:
+        with self._lock:
+            if sender_id in self._handoffs:
+                return False
+            self._handoffs[sender_id] = Handoff(sender_id, since, reason)
+            return True
+
+    def end_handoff(self, sender_id: str) -> bool:
+        with self._lock:
+            return self._handoffs.pop(sender_id, None) is not None
+
+    def handoffs(self, limit: int) -> List[Handoff]:
+        with self._lock:
+            open_ = sorted(self._handoffs.values(), key=lambda h: (h.since, h.sender_id))[:max(limit, 0)]
+            return [self._with_window(h) for h in open_]
+
+    def handoff(self, sender_id: str) -> Optional[Handoff]:
+        with self._lock:
+            found = self._handoffs.get(sender_id)
+            return self._with_window(found) if found is not None else None
+
+    def _with_window(self, handoff: Handoff) -> Handoff:
+        return replace(handoff, last_inbound_at=self._get(handoff.sender_id).last_inbound_at)
+
+    def mark_window_closing(self, sender_id: str, window_of: int) -> bool:
+        with self._lock:
+            found = self._handoffs.get(sender_id)
+            if found is None or (found.closing_sent_for is not None and found.closing_sent_for >= window_of):
+                return False
+            self._handoffs[sender_id] = replace(found, closing_sent_for=window_of)
+            return True
+
+    def add_desk_event(self, event: DeskEvent, limit: int) -> bool:
+        with self._lock:
+            if event.event_id in self._desk:
+                return True
+            queue = self._desk_queues.setdefault(event.sender_id, [])
+            if len(queue) >= limit:
+                if not queue:
+                    del self._desk_queues[event.sender_id]
+                return False
+            self._desk_seq += 1
+            self._desk[event.event_id] = _Desk(replace(event, seq=self._desk_seq))
+            queue.append(event.event_id)
+            return True
+
+    def claim_desk_events(self, owner: str, now: float, lease_until: float, limit: int) -> List[DeskEvent]:
+        with self._lock:
+            heads = (self._desk[queue[0]] for queue in self._desk_queues.values())
+            due = sorted((d for d in heads if d.event.next_attempt_at <= now
+                          and (d.lease_until is None or d.lease_until < now or d.owner == owner)),
+                         key=lambda d: d.event.seq)[:max(limit, 0)]
+            for claimed in due:
+                self._desk[claimed.event.event_id] = replace(claimed, owner=owner, lease_until=lease_until)
+            return [claimed.event for claimed in due]
+
+    def desk_event_delivered(self, event_id: str) -> None:
+        with self._lock:
+            gone = self._desk.pop(event_id, None)
+            if gone is None:
+                return
+            queue = self._desk_queues[gone.event.sender_id]
+            queue.remove(event_id)
+            if not queue:
+                del self._desk_queues[gone.event.sender_id]
+
+    def desk_event_failed(self, event_id: str, attempts: int, error: str, next_attempt_at: float) -> None:
+        with self._lock:
+            entry = self._desk.get(event_id)
+            if entry is not None:
+                event = replace(entry.event, attempts=attempts, error=error, next_attempt_at=next_attempt_at)
+                self._desk[event_id] = _Desk(event)
+
+    def desk_backlog(self, sender_id: str, limit: int) -> List[DeskEvent]:
+        with self._lock:
+            return [self._desk[key].event for key in self._desk_queues.get(sender_id, [])[:max(limit, 0)]]

@@ -89,3 +89,36 @@ class PendingTurn:
     attempts: int = 0
     """Attempts that failed so far."""
     error: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class Handoff:
+    """A conversation with a person: the shared registry that lets any instance find the paused
+    conversations (the desk's list, the window-closing warning) without reading every tracker."""
+
+    sender_id: str
+    since: float
+    """The channel's clock when the conversation was handed off."""
+    reason: Optional[str] = None
+    closing_sent_for: Optional[int] = None
+    """The window (customer message timestamp) whose `window_closing` event was already made."""
+    last_inbound_at: Optional[int] = None
+    """Read with it from the customer's state: the window the warning is about."""
+
+
+@dataclass(frozen=True)
+class DeskEvent:
+    """One event for the desk's webhook, kept until the desk took it: a desk that is down loses
+    nothing. A customer's events go out one at a time in `seq` order."""
+
+    event_id: str
+    """Stable for what it reports (a retried turn makes the same id), so it is stored once."""
+    sender_id: str
+    body: Mapping[str, Any]
+    """The JSON the desk receives."""
+    created_at: float
+    seq: int = 0
+    """Given by the backend when stored: the customer's order."""
+    attempts: int = 0
+    next_attempt_at: float = 0.0
+    error: Optional[str] = None

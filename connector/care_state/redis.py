@@ -2,6 +2,20 @@
 
 Every write that must be atomic is one Lua script, which Redis runs alone: a reservation checks
 the window's set of template callback ids and adds to it in one step.
+
+Handoffs: `h:<sender>` a hash per open handoff (since, reason, closing_sent_for), `hl` the open
+ones' senders by `since`. Starting, ending and the window-closing mark are scripts, so exactly
+one caller wins each.
+
+The desk's events, kept until delivered (no expiry): `d:<event_id>` a hash per event (its body's
+JSON untouched by Lua), `dq:<sender>` a customer's event ids by `seq` (from the counter `dn`),
+and each customer with events in exactly one of two sets, by their head (lowest seq) event:
+`dw` those whose head waits, scored by when it may be claimed (its next attempt, or the end of
+its lease), and `dr` those whose head was found due, scored by its seq. A claim moves the `dw`
+entries due by then into `dr`, then takes `dr` lowest seq first, checking each head's own
+fields (a head that is not claimable after all goes back to `dw`), with the heads `do:<owner>`
+(the events leased to that owner) holds, so an owner may claim its own again. Nothing scans
+keys: a claim reads only what is due.
 """
 
 import json
@@ -10,7 +24,9 @@ from dataclasses import asdict
 from typing import Any, List, Optional, Sequence
 
 from connector.care_state.base import CareStateBackend
-from connector.care_state.records import STATUS_RANK, CustomerState, OutboundRecord, PendingTurn, dump_json
+from connector.care_state.records import (
+    STATUS_RANK, CustomerState, DeskEvent, Handoff, OutboundRecord, PendingTurn, dump_json,
+)
 
 TTL_SECONDS = 35 * 24 * 3600  # records and reservations outlive Meta's redelivery and any window
 _KEPT_PER_CUSTOMER = 200
@@ -129,6 +145,118 @@ if ARGV[1] ~= 'pending' then
 end
 """
 
+_START_HANDOFF = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'since', ARGV[2])
+if ARGV[3] == '1' then redis.call('HSET', KEYS[1], 'reason', ARGV[4]) end
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+return 1
+"""
+_END_HANDOFF = """
+if redis.call('DEL', KEYS[1]) == 0 then return 0 end
+redis.call('ZREM', KEYS[2], ARGV[1])
+return 1
+"""
+_MARK_CLOSING = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local marked = redis.call('HGET', KEYS[1], 'closing_sent_for')
+if marked and tonumber(marked) >= tonumber(ARGV[1]) then return 0 end
+redis.call('HSET', KEYS[1], 'closing_sent_for', ARGV[1])
+return 1
+"""
+
+# Puts a customer in `dw` by their head's next attempt or lease end (the strings as written, so
+# no precision is lost), or in neither set when they have no events left.
+_PLACE = """
+local function place(prefix, sender)
+  redis.call('ZREM', prefix .. 'dr:', sender)
+  local head = redis.call('ZRANGE', prefix .. 'dq:' .. sender, 0, 0)[1]
+  if not head then
+    redis.call('ZREM', prefix .. 'dw:', sender)
+    return
+  end
+  local at = redis.call('HMGET', prefix .. 'd:' .. head, 'next_attempt_at', 'lease_until')
+  local score = at[1] or '0'
+  if at[2] and at[2] ~= '' and tonumber(at[2]) > tonumber(score) then score = at[2] end
+  redis.call('ZADD', prefix .. 'dw:', score, sender)
+end
+"""
+_ADD_DESK_EVENT = _PLACE + """
+local prefix, id, sender = ARGV[1], ARGV[2], ARGV[3]
+local entry, queue = prefix .. 'd:' .. id, prefix .. 'dq:' .. sender
+if redis.call('EXISTS', entry) == 1 then return 1 end
+if redis.call('ZCARD', queue) >= tonumber(ARGV[9]) then return 0 end
+local seq = redis.call('INCR', prefix .. 'dn:')
+redis.call('HSET', entry, 'event_id', id, 'sender_id', sender, 'body', ARGV[4], 'created_at', ARGV[5],
+           'seq', seq, 'attempts', ARGV[6], 'next_attempt_at', ARGV[7], 'error', ARGV[8],
+           'owner', '', 'lease_until', '')
+redis.call('ZADD', queue, seq, id)
+if redis.call('ZCARD', queue) == 1 then place(prefix, sender) end
+return 1
+"""
+_CLAIM_DESK_EVENTS = _PLACE + """
+local prefix, owner, now, lease, limit = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5])
+local ready, waiting, mine = prefix .. 'dr:', prefix .. 'dw:', prefix .. 'do:' .. owner
+for _, sender in ipairs(redis.call('ZRANGEBYSCORE', waiting, '-inf', ARGV[3])) do
+  local head = redis.call('ZRANGE', prefix .. 'dq:' .. sender, 0, 0, 'WITHSCORES')
+  redis.call('ZREM', waiting, sender)
+  if head[1] then redis.call('ZADD', ready, head[2], sender) end
+end
+local candidates, seen = {}, {}
+local function consider(sender, id)
+  if seen[id] then return true end
+  local e = redis.call('HMGET', prefix .. 'd:' .. id, 'seq', 'next_attempt_at', 'owner', 'lease_until')
+  if not e[1] or tonumber(e[2]) > now then return false end
+  if e[3] ~= owner and e[4] ~= '' and tonumber(e[4]) >= now then return false end
+  seen[id] = true
+  table.insert(candidates, {tonumber(e[1]), id, sender, e[3]})
+  return true
+end
+for _, id in ipairs(redis.call('SMEMBERS', mine)) do
+  local e = redis.call('HMGET', prefix .. 'd:' .. id, 'sender_id', 'owner')
+  if e[1] and e[2] == owner then consider(e[1], id) else redis.call('SREM', mine, id) end
+end
+local found, from = 0, '-inf'
+while found < limit do
+  local batch = redis.call('ZRANGEBYSCORE', ready, from, '+inf', 'WITHSCORES', 'LIMIT', 0, limit - found)
+  if #batch == 0 then break end
+  for i = 1, #batch, 2 do
+    local sender = batch[i]
+    from = '(' .. batch[i + 1]
+    local head = redis.call('ZRANGE', prefix .. 'dq:' .. sender, 0, 0)[1]
+    if head and consider(sender, head) then found = found + 1 else place(prefix, sender) end
+  end
+end
+table.sort(candidates, function(a, b) return a[1] < b[1] end)
+local claimed = {}
+for i = 1, math.min(limit, #candidates) do
+  local c = candidates[i]
+  local entry = prefix .. 'd:' .. c[2]
+  if c[4] ~= '' and c[4] ~= owner then redis.call('SREM', prefix .. 'do:' .. c[4], c[2]) end
+  redis.call('HSET', entry, 'owner', owner, 'lease_until', lease)
+  redis.call('SADD', mine, c[2])
+  place(prefix, c[3])
+  table.insert(claimed, redis.call('HGETALL', entry))
+end
+return claimed
+"""
+_DESK_EVENT_DONE = _PLACE + """
+local prefix, id = ARGV[1], ARGV[2]
+local entry = prefix .. 'd:' .. id
+local e = redis.call('HMGET', entry, 'sender_id', 'owner')
+if not e[1] then return 0 end
+if e[2] and e[2] ~= '' then redis.call('SREM', prefix .. 'do:' .. e[2], id) end
+if ARGV[3] == 'delivered' then
+  redis.call('DEL', entry)
+  redis.call('ZREM', prefix .. 'dq:' .. e[1], id)
+else
+  redis.call('HSET', entry, 'attempts', ARGV[4], 'error', ARGV[5], 'next_attempt_at', ARGV[6],
+             'owner', '', 'lease_until', '')
+end
+place(prefix, e[1])
+return 1
+"""
+
 
 class RedisBackend(CareStateBackend):
     def __init__(self, red: Any, prefix: str = "whatsapp:") -> None:
@@ -141,6 +269,12 @@ class RedisBackend(CareStateBackend):
         self._renew = red.register_script(_RENEW)
         self._claim = red.register_script(_CLAIM)
         self._finish = red.register_script(_FINISH)
+        self._start_handoff = red.register_script(_START_HANDOFF)
+        self._end_handoff = red.register_script(_END_HANDOFF)
+        self._mark_closing = red.register_script(_MARK_CLOSING)
+        self._add_desk_event = red.register_script(_ADD_DESK_EVENT)
+        self._claim_desk_events = red.register_script(_CLAIM_DESK_EVENTS)
+        self._desk_event_done = red.register_script(_DESK_EVENT_DONE)
 
     def _key(self, kind: str, *parts: Any) -> str:
         return self.prefix + kind + ":" + ":".join(str(part) for part in parts)
@@ -251,6 +385,75 @@ class RedisBackend(CareStateBackend):
 
     def forget_turns(self, finished_before: float) -> int:
         return 0  # finished entries expire on their own
+
+    # --- handoffs and the desk's events ------------------------------------------------------
+
+    def start_handoff(self, sender_id: str, since: float, reason: Optional[str]) -> bool:
+        return bool(self._start_handoff(keys=[self._key("h", sender_id), self._key("hl", "")],
+                                        args=[sender_id, since, "0" if reason is None else "1", reason or ""]))
+
+    def end_handoff(self, sender_id: str) -> bool:
+        return bool(self._end_handoff(keys=[self._key("h", sender_id), self._key("hl", "")], args=[sender_id]))
+
+    def handoffs(self, limit: int) -> List[Handoff]:
+        if limit <= 0:
+            return []
+        return self._handoffs([_text(s) for s in self.red.zrange(self._key("hl", ""), 0, limit - 1)])
+
+    def handoff(self, sender_id: str) -> Optional[Handoff]:
+        return next(iter(self._handoffs([sender_id])), None)
+
+    def _handoffs(self, senders: Sequence[str]) -> List[Handoff]:
+        pipe = self.red.pipeline(transaction=True)  # one snapshot of the handoffs and their windows
+        for sender_id in senders:
+            pipe.hgetall(self._key("h", sender_id))
+            pipe.hget(self._key("c", sender_id), "last_inbound_at")
+        replies = pipe.execute() if senders else []
+        found = []
+        for sender_id, raw, last_inbound_at in zip(senders, replies[::2], replies[1::2]):
+            fields = {_text(k): _text(v) for k, v in raw.items()}
+            if fields.get("since"):  # ended since it was listed
+                closing = fields.get("closing_sent_for")
+                found.append(Handoff(sender_id, float(fields["since"]), fields.get("reason"),
+                                     int(closing) if closing else None,
+                                     int(_text(last_inbound_at)) if last_inbound_at else None))
+        return found
+
+    def mark_window_closing(self, sender_id: str, window_of: int) -> bool:
+        return bool(self._mark_closing(keys=[self._key("h", sender_id)], args=[window_of]))
+
+    def add_desk_event(self, event: DeskEvent, limit: int) -> bool:
+        return bool(self._add_desk_event(args=[
+            self.prefix, event.event_id, event.sender_id, dump_json(dict(event.body)), event.created_at,
+            event.attempts, event.next_attempt_at, event.error or "", limit]))
+
+    def claim_desk_events(self, owner: str, now: float, lease_until: float, limit: int) -> List[DeskEvent]:
+        claimed = self._claim_desk_events(args=[self.prefix, owner, now, lease_until, limit])
+        return [_desk_event(dict(zip(map(_text, flat[::2]), map(_text, flat[1::2])))) for flat in claimed]
+
+    def desk_event_delivered(self, event_id: str) -> None:
+        self._desk_event_done(args=[self.prefix, event_id, "delivered"])
+
+    def desk_event_failed(self, event_id: str, attempts: int, error: str, next_attempt_at: float) -> None:
+        self._desk_event_done(args=[self.prefix, event_id, "failed", attempts, error, next_attempt_at])
+
+    def desk_backlog(self, sender_id: str, limit: int) -> List[DeskEvent]:
+        if limit <= 0:
+            return []
+        ids = self.red.zrange(self._key("dq", sender_id), 0, limit - 1)
+        pipe = self.red.pipeline(transaction=False)
+        for event_id in ids:
+            pipe.hgetall(self._key("d", _text(event_id)))
+        events = ({_text(k): _text(v) for k, v in raw.items()} for raw in (pipe.execute() if ids else []))
+        return [_desk_event(fields) for fields in events if fields.get("event_id")]
+
+
+def _desk_event(fields: dict) -> DeskEvent:
+    return DeskEvent(
+        event_id=fields["event_id"], sender_id=fields["sender_id"], body=json.loads(fields["body"]),
+        created_at=float(fields["created_at"]), seq=int(fields["seq"]), attempts=int(fields.get("attempts") or 0),
+        next_attempt_at=float(fields.get("next_attempt_at") or 0), error=fields.get("error") or None,
+    )
 
 
 def _dump_turn(turn: PendingTurn) -> str:

@@ -1,11 +1,21 @@
-"""The state in the tracker store's own SQL database (SQLite, PostgreSQL, MySQL...), in three
-small tables of its own, reached through the tracker store's engine.
+"""The state in the tracker store's own SQL database (SQLite, PostgreSQL, MySQL...), in small
+tables of its own, reached through the tracker store's engine.
 
 A template reservation is a conditional INSERT: the primary key (sender_id, window_of, slot)
 lets exactly one writer take each of the window's slots, on any number of instances, whatever
 Rasa's lock store does.
+
+A handoff is a row of `whatsapp_handoffs`: starting one is an INSERT the primary key lets one
+caller win, ending it a DELETE, the window-closing mark an UPDATE conditional on the window.
+A desk event is a row of `whatsapp_desk_events`, numbered by the database (`seq`). Storing one
+inserts it, then counts the customer's rows in the same transaction (rolled back over the
+limit): SQLite holds its write lock from the INSERT on, PostgreSQL first takes a transaction
+advisory lock per customer, so the count is exact and a customer's rows commit in `seq` order
+(elsewhere, e.g. MySQL, two racing writers of one customer may pass the limit by one). A claim
+takes each customer's lowest `seq` row only, by an UPDATE conditional on its lease.
 """
 
+import hashlib
 import json
 import logging
 import time
@@ -18,7 +28,7 @@ from sqlalchemy.schema import CreateIndex, CreateTable
 
 from connector.care_state.base import CareStateBackend
 from connector.care_state.records import (
-    STATUS_RANK, CustomerState, OutboundRecord, PendingTurn, choices_from_json, dump_json,
+    STATUS_RANK, CustomerState, DeskEvent, Handoff, OutboundRecord, PendingTurn, choices_from_json, dump_json,
 )
 
 logger = logging.getLogger(__name__)
@@ -80,6 +90,31 @@ inbox = sa.Table(
     sa.Index("ix_whatsapp_inbox_sender", "sender_id", "received_at"),
 )
 
+handoffs = sa.Table(
+    "whatsapp_handoffs", metadata,
+    sa.Column("sender_id", sa.String(255), primary_key=True),
+    sa.Column("since", sa.Float(precision=53), nullable=False),
+    sa.Column("reason", sa.Text),
+    sa.Column("closing_sent_for", sa.BigInteger),
+    sa.Index("ix_whatsapp_handoffs_since", "since"),
+)
+desk_events = sa.Table(
+    "whatsapp_desk_events", metadata,
+    # SQLite numbers only an INTEGER PRIMARY KEY; AUTOINCREMENT never reuses a delivered one's
+    sa.Column("seq", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True, autoincrement=True),
+    sa.Column("event_id", sa.String(255), nullable=False, unique=True),
+    sa.Column("sender_id", sa.String(255), nullable=False),
+    sa.Column("body", sa.Text, nullable=False),
+    sa.Column("created_at", sa.Float(precision=53), nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False, default=0),
+    sa.Column("next_attempt_at", sa.Float(precision=53), nullable=False, default=0.0),
+    sa.Column("error", sa.Text),
+    sa.Column("owner", sa.String(255)),
+    sa.Column("lease_until", sa.Float(precision=53)),
+    sa.Index("ix_whatsapp_desk_events_sender", "sender_id", "seq"),
+    sqlite_autoincrement=True,
+)
+
 # Rasa indexes `events` by sender_id alone: PostgreSQL then reads a customer's rows newest-first
 # by scanning every row written since (other customers' too). These keep the window reads flat.
 EVENT_INDEXES = {
@@ -98,7 +133,9 @@ class SchemaError(RuntimeError):
 def ddl(engine: sa.engine.Engine) -> str:
     """The statements to create the state's tables, in this database's dialect."""
     statements = [str(CreateTable(table).compile(engine)).strip() for table in metadata.sorted_tables]
-    statements += [str(CreateIndex(index).compile(engine)).strip() for table in (outbound, inbox) for index in table.indexes]
+    statements += [str(CreateIndex(index).compile(engine)).strip()
+                   for table in (outbound, inbox, handoffs, desk_events)
+                   for index in sorted(table.indexes, key=lambda index: index.name)]
     return ";\n".join(statements) + ";"
 
 
@@ -320,6 +357,126 @@ class SqlBackend(CareStateBackend):
         with self.engine.begin() as connection:
             return connection.execute(sa.delete(inbox).where(
                 inbox.c.state != "pending", inbox.c.finished_at < finished_before)).rowcount
+
+
+    # --- handoffs and the desk's events ------------------------------------------------------
+
+    def start_handoff(self, sender_id: str, since: float, reason: Optional[str]) -> bool:
+        row = {"sender_id": sender_id, "since": since, "reason": reason, "closing_sent_for": None}
+        if self.on_conflict is not None:
+            with self.engine.begin() as connection:
+                return connection.execute(self.on_conflict(handoffs).values(**row).on_conflict_do_nothing(
+                    index_elements=[handoffs.c.sender_id])).rowcount == 1
+        try:
+            with self.engine.begin() as connection:
+                connection.execute(sa.insert(handoffs).values(**row))
+            return True
+        except IntegrityError:  # open already
+            return False
+
+    def end_handoff(self, sender_id: str) -> bool:
+        with self.engine.begin() as connection:
+            return connection.execute(sa.delete(handoffs).where(handoffs.c.sender_id == sender_id)).rowcount == 1
+
+    def _handoffs(self) -> Any:
+        return sa.select(handoffs, customers.c.last_inbound_at).select_from(
+            handoffs.outerjoin(customers, customers.c.sender_id == handoffs.c.sender_id))
+
+    def handoffs(self, limit: int) -> List[Handoff]:
+        query = self._handoffs().order_by(handoffs.c.since, handoffs.c.sender_id).limit(max(limit, 0))
+        with self.engine.connect() as connection:
+            return [_handoff(row) for row in connection.execute(query)]
+
+    def handoff(self, sender_id: str) -> Optional[Handoff]:
+        with self.engine.connect() as connection:
+            row = connection.execute(self._handoffs().where(handoffs.c.sender_id == sender_id)).first()
+        return _handoff(row) if row is not None else None
+
+    def mark_window_closing(self, sender_id: str, window_of: int) -> bool:
+        older = sa.or_(handoffs.c.closing_sent_for.is_(None), handoffs.c.closing_sent_for < window_of)
+        with self.engine.begin() as connection:
+            return connection.execute(sa.update(handoffs).where(handoffs.c.sender_id == sender_id, older)
+                                      .values(closing_sent_for=window_of)).rowcount == 1
+
+    def add_desk_event(self, event: DeskEvent, limit: int) -> bool:
+        row = {"event_id": event.event_id, "sender_id": event.sender_id, "body": dump_json(dict(event.body)),
+               "created_at": event.created_at, "attempts": event.attempts,
+               "next_attempt_at": event.next_attempt_at, "error": event.error}
+        try:
+            with self.engine.begin() as connection:
+                if self.engine.dialect.name == "postgresql":  # one writer per customer until the commit
+                    connection.execute(sa.select(sa.func.pg_advisory_xact_lock(_lock_key(event.sender_id))))
+                if self.on_conflict is not None:
+                    statement = self.on_conflict(desk_events).values(**row).on_conflict_do_nothing(
+                        index_elements=[desk_events.c.event_id])
+                    if not connection.execute(statement).rowcount:
+                        return True  # stored already
+                else:
+                    connection.execute(sa.insert(desk_events).values(**row))
+                stored = connection.execute(sa.select(sa.func.count()).select_from(desk_events).where(
+                    desk_events.c.sender_id == event.sender_id)).scalar()
+                if stored > limit:
+                    raise _Full()  # rolls the insert back
+            return True
+        except _Full:
+            return False
+        except IntegrityError:  # the event id is stored already
+            return True
+
+    def claim_desk_events(self, owner: str, now: float, lease_until: float, limit: int) -> List[DeskEvent]:
+        earlier = desk_events.alias("earlier")
+        head = ~sa.exists().where(earlier.c.sender_id == desk_events.c.sender_id, earlier.c.seq < desk_events.c.seq)
+        claimable = sa.and_(desk_events.c.next_attempt_at <= now, sa.or_(
+            desk_events.c.lease_until.is_(None), desk_events.c.lease_until < now, desk_events.c.owner == owner))
+        query = sa.select(desk_events.c.seq).where(claimable, head).order_by(desk_events.c.seq).limit(max(limit, 0))
+        with self.engine.begin() as connection:
+            candidates = [row.seq for row in connection.execute(query)]
+            # a head stays the head until delivered (later rows get higher numbers), so only its
+            # lease is checked again: exactly one claimer's UPDATE changes it
+            taken = [seq for seq in candidates if connection.execute(
+                sa.update(desk_events).where(desk_events.c.seq == seq, claimable)
+                .values(owner=owner, lease_until=lease_until)).rowcount]
+            if not taken:
+                return []
+            rows = connection.execute(sa.select(desk_events).where(desk_events.c.seq.in_(taken))
+                                      .order_by(desk_events.c.seq)).all()
+        return [_desk_event(row) for row in rows]
+
+    def desk_event_delivered(self, event_id: str) -> None:
+        with self.engine.begin() as connection:
+            connection.execute(sa.delete(desk_events).where(desk_events.c.event_id == event_id))
+
+    def desk_event_failed(self, event_id: str, attempts: int, error: str, next_attempt_at: float) -> None:
+        with self.engine.begin() as connection:
+            connection.execute(sa.update(desk_events).where(desk_events.c.event_id == event_id).values(
+                attempts=attempts, error=error, next_attempt_at=next_attempt_at, owner=None, lease_until=None))
+
+    def desk_backlog(self, sender_id: str, limit: int) -> List[DeskEvent]:
+        query = (sa.select(desk_events).where(desk_events.c.sender_id == sender_id)
+                 .order_by(desk_events.c.seq).limit(max(limit, 0)))
+        with self.engine.connect() as connection:
+            return [_desk_event(row) for row in connection.execute(query)]
+
+
+class _Full(Exception):
+    """The customer's backlog is full: the event's INSERT is rolled back."""
+
+
+def _lock_key(sender_id: str) -> int:
+    """A customer's PostgreSQL advisory lock: a signed 64-bit number from their id."""
+    return int.from_bytes(hashlib.blake2b(f"whatsapp_desk_events:{sender_id}".encode(), digest_size=8).digest(),
+                          "big", signed=True)
+
+
+def _handoff(row: Any) -> Handoff:
+    return Handoff(sender_id=row.sender_id, since=row.since, reason=row.reason,
+                   closing_sent_for=row.closing_sent_for, last_inbound_at=row.last_inbound_at)
+
+
+def _desk_event(row: Any) -> DeskEvent:
+    return DeskEvent(event_id=row.event_id, sender_id=row.sender_id, body=json.loads(row.body),
+                     created_at=row.created_at, seq=row.seq, attempts=row.attempts,
+                     next_attempt_at=row.next_attempt_at, error=row.error)
 
 
 def _inbound(timestamp: int, phone_number_id: Optional[str]) -> Tuple[Dict[str, Any], Any]:
