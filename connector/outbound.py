@@ -109,8 +109,9 @@ class OutboundPath:
         closed_for: Optional[float] = None,
         reply_of: Optional[Tuple[str, int]] = None,
         again: bool = False,
-    ) -> None:
-        """One Rasa bot message, every part of it, decided against the window at send time.
+    ) -> Optional[OutboundRecord]:
+        """One Rasa bot message, every part of it, decided against the window at send time; the
+        record it ended with (an agent's message is answered with it), None if nothing was decided.
 
         `reply_of` (the customer message's key, the reply's number in the turn) makes the
         records' callback ids stable: when a turn runs `again`, a reply an earlier attempt
@@ -119,20 +120,22 @@ class OutboundPath:
         for problem in rendered.problems:  # every part not sent is explained here
             logger.warning("Part of %s to %s not sent: %s", message.get("utter_action") or "a message", masked(sender_id), problem)
         if not rendered.messages:
-            return
+            return None
         custom = message.get("custom")
         outbound = Outbound(
             response=message.get("utter_action"),
             template=custom.get("template") if isinstance(custom, dict) and custom.get("type") == "template" else None,
         )
         now = await self.now()
-        mapping = self.config.templates.for_response(outbound.response) if outbound.template is None else None
+        # an agent's text is the agent's own words: never replaced by the fallback template
+        book = replace(self.config.templates, fallback=None) if message.get("agent") else self.config.templates
+        mapping = book.for_response(outbound.response) if outbound.template is None else None
         facts, slots, customer = await self.facts(
             sender_id, now, in_flight_inbound_at, slots=mapping.placeholders if mapping else ())
         if closed_for is not None:
             facts = replace(facts, closed_for_inbound=max(closed_for, facts.closed_for_inbound or 0))
         values = {**slots, **{key: value for key, value in message.items() if value is not None}}
-        decision = decide(now, facts, replace(outbound, values=values), self.config.templates, self.config.care_window)
+        decision = decide(now, facts, replace(outbound, values=values), book, self.config.care_window)
         number = phone_number_id or (customer.reply_number if customer else None)
         if number not in self.config.phone_number_ids:  # a number this bot no longer serves
             number = None
@@ -141,13 +144,12 @@ class OutboundPath:
             at=now, created_at=0.0, response=outbound.response, rendered_with=_jsonable(message), fallback_of=fallback_of,
         )
         if again and reply_of and not isinstance(decision, SendFreeForm) and await self._decided_before(_new(base)):
-            return
+            return None
         if isinstance(decision, SendFreeForm):
-            await self._send_free_form(base, rendered, number, in_flight_inbound_at, again)
-        elif isinstance(decision, SendTemplate):
-            await self._send_template(replace(base, template=decision.name), decision, number)
-        else:
-            await self._suppress(base, decision.reason)
+            return await self._send_free_form(base, rendered, number, in_flight_inbound_at, again)
+        if isinstance(decision, SendTemplate):
+            return await self._send_template(replace(base, template=decision.name), decision, number)
+        return await self._suppress(base, decision.reason)
 
     async def _decided_before(self, record: OutboundRecord) -> bool:
         """This reply (part) of a turn run again: an earlier attempt decided about it (sent it,
@@ -165,8 +167,9 @@ class OutboundPath:
     async def _send_free_form(
         self, base: OutboundRecord, rendered: Rendered, number: Optional[str], in_flight_inbound_at: Optional[float],
         again: bool = False,
-    ) -> None:
+    ) -> Optional[OutboundRecord]:
         state = self.stores().state
+        last: Optional[OutboundRecord] = None
         for index, part in enumerate(rendered.messages):
             last = index == len(rendered.messages) - 1
             record = _new(base, index, choices=rendered.numbered_choices if last else ())
@@ -180,15 +183,16 @@ class OutboundPath:
                 # again under the closed window (its template, or a recorded suppression).
                 await self._failed(record, error)
                 await self._best_effort(state.close_window(record.sender_id, record.window_of), "close the window of", record)
-                await self.deliver(record.sender_id, dict(record.rendered_with), in_flight_inbound_at, number,
-                                   fallback_of=record.callback_id, closed_for=record.window_of)
-                return
+                return await self.deliver(record.sender_id, dict(record.rendered_with), in_flight_inbound_at, number,
+                                          fallback_of=record.callback_id, closed_for=record.window_of)
             except GraphError as error:
-                await self._failed(record, error)
-                return
+                return await self._failed(record, error)
             if wamid is None:  # a status webhook resolves it (or already did)
+                last = replace(record, status="unknown")
                 continue
-            log_decision(replace(record, wamid=wamid, status="accepted"))
+            last = replace(record, wamid=wamid, status="accepted")
+            log_decision(last)
+        return last
 
     async def _send_resolving_unknown(self, record: OutboundRecord, part: Dict[str, Any], number: Optional[str]) -> Optional[str]:
         """The wamid; None when the answer was lost and the status webhooks settle it. A lost
@@ -223,42 +227,47 @@ class OutboundPath:
                 return record.status
         return None
 
-    async def _send_template(self, base: OutboundRecord, decision: SendTemplate, number: Optional[str]) -> None:
+    async def _send_template(self, base: OutboundRecord, decision: SendTemplate, number: Optional[str]) -> OutboundRecord:
         state = self.stores().state
         record = _new(base)
         limit = self.config.care_window.templates_per_lapsed_window
         try:
             reserved = await state.reserve_template(record, limit)
         except Exception as error:
-            await self._suppress(base, f"outside the care window and the template reservation could not be written ({type(error).__name__})")
-            return
+            return await self._suppress(
+                base, f"outside the care window and the template reservation could not be written ({type(error).__name__})")
         if not reserved:
-            await self._suppress(base, f"outside the care window and {limit} template(s) already sent since it lapsed (limit {limit})")
-            return
+            return await self._suppress(
+                base, f"outside the care window and {limit} template(s) already sent since it lapsed (limit {limit})")
         try:
             wamid = await self.client.send_message(record.sender_id, decision.message(), phone_number_id=number,
                                                    callback_id=record.callback_id)
         except OutcomeUnknown as error:  # stays reserved: never sent twice; its status settles it
             await self._best_effort(state.update_outbound("unknown", callback_id=record.callback_id), "mark unknown", record)
-            log_decision(replace(record, status="unknown", reason=error.message))
-            return
+            unknown = replace(record, status="unknown", reason=error.message)
+            log_decision(unknown)
+            return unknown
         except GraphError as error:  # Meta answered: it did not take the template
             await self._best_effort(state.release_template(record), "release the reservation of", record)
-            await self._failed(record, error)
-            return
-        log_decision(replace(record, wamid=wamid, status="accepted"))
+            return await self._failed(record, error)
+        accepted = replace(record, wamid=wamid, status="accepted")
+        log_decision(accepted)
+        return accepted
 
-    async def _suppress(self, base: OutboundRecord, reason: str) -> None:
+    async def _suppress(self, base: OutboundRecord, reason: str) -> OutboundRecord:
         record = _new(base, decision="suppressed", status="suppressed", reason=reason)
         log_decision(record)  # logged even when the state cannot take it
         await self._best_effort(self.stores().state.add_outbound(record), "store the suppression of", record)
+        return record
 
-    async def _failed(self, record: OutboundRecord, error: GraphError) -> None:
+    async def _failed(self, record: OutboundRecord, error: GraphError) -> OutboundRecord:
         reason = meaning(error.code) or error.message
         await self._best_effort(
             self.stores().state.update_outbound("failed", callback_id=record.callback_id, error_code=error.code, reason=reason),
             "store the failure of", record)
-        log_decision(replace(record, status="failed", error_code=error.code, reason=reason))
+        failed = replace(record, status="failed", error_code=error.code, reason=reason)
+        log_decision(failed)
+        return failed
 
     async def _best_effort(self, write: Awaitable[Any], what: str, record: OutboundRecord) -> None:
         try:

@@ -101,12 +101,13 @@ class TemplateBook:
         if not isinstance(templates, Mapping):
             raise InvalidTemplate("templates", "must map response names to templates")
         by_response = {
-            str(response): _mapping(f"templates.{response}", raw) for response, raw in templates.items()
+            str(response): parse_mapping(f"templates.{response}", raw) for response, raw in templates.items()
         }
-        return cls(by_response, _mapping("fallback_template", fallback) if fallback is not None else None)
+        return cls(by_response, parse_mapping("fallback_template", fallback) if fallback is not None else None)
 
 
-def _mapping(key: str, raw: Any) -> TemplateMapping:
+def parse_mapping(key: str, raw: Any) -> TemplateMapping:
+    """One template mapping; `key` names it in errors (the agent API reuses it)."""
     if not isinstance(raw, Mapping):
         raise InvalidTemplate(key, "must be a mapping with name, language, body, header, buttons")
     unknown = sorted(set(raw) - {"name", "language", "body", "header", "buttons"})
