@@ -16,7 +16,7 @@ from typing import Any, Dict, List, NamedTuple, Optional, Text, Tuple
 
 import aiohttp
 from rasa_sdk import Action, FormValidationAction, Tracker
-from rasa_sdk.events import EventType, ReminderScheduled, SlotSet
+from rasa_sdk.events import ConversationPaused, EventType, ReminderScheduled, SlotSet
 from rasa_sdk.executor import CollectingDispatcher
 from rasa_sdk.types import DomainDict
 
@@ -261,6 +261,25 @@ class ActionOrderFollowUp(Action):
             # the slots set in this turn are not saved yet when the channel sends it.
             dispatcher.utter_message(response="utter_order_update", order_id=order_id, order_status=status)
         return [SlotSet("order_status", status)]
+
+
+class ActionHandOff(Action):
+    """"Talk to a person": tells the customer what happens next and pauses the conversation for a
+    colleague (a rule ends the order form first if it was asking). The WhatsApp channel sees the pause, tells
+    the desk with the conversation so far, forwards what the customer writes next, and keeps the
+    bot quiet, across Rasa sessions, until an agent hands the conversation back."""
+
+    def name(self) -> Text:
+        return "action_hand_off"
+
+    async def run(
+        self,
+        dispatcher: CollectingDispatcher,
+        tracker: Tracker,
+        domain: DomainDict,
+    ) -> List[EventType]:
+        dispatcher.utter_message(response="utter_human_handoff")
+        return [ConversationPaused()]
 
 
 class ActionWhatsAppWindow(Action):

@@ -16,12 +16,15 @@ from sanic.response import HTTPResponse
 from rasa.core.channels.channel import InputChannel, OutputChannel, UserMessage
 
 from connector.action_guard import guard, in_channel_turn
+from connector.agent_api import add_routes as add_agent_routes
 from connector.care_state import CareState, PendingTurn, backend_for, unwrap
 from connector.client import CloudApiClient
 from connector.clock import SimulatorClock, SystemClock
 from connector.config import ChannelConfig
 from connector.decisions import masked, outcome
+from connector.desk import Desk
 from connector.errors import GraphError
+from connector.handoff import Handoffs
 from connector.inbound import rasa_metadata, rasa_text
 from connector.intake import Busy, Intake
 from connector.opt_out import OptOuts
@@ -106,6 +109,9 @@ class WhatsAppInput(InputChannel):
         self.outbound = OutboundPath(config, self.client, self.clock.now, self._stores, self.opt_outs.counts_as_opted_out)
         self.intake = Intake(lambda: self._stores().state, self.turns, self._run_turn, self._already_saved,
                              max_in_flight=config.max_in_flight, attempts=config.turn_attempts)
+        self.desk = Desk(config.handoff_webhook_url, config.agent_token, lambda: self._stores().state, self.clock.now,
+                         config.desk_backlog_limit)
+        self.handoffs = Handoffs(config, self._stores, self.clock.now, self.desk)
         self.app: Optional[Sanic] = None
         self._on_new_message: Optional[Callable[[UserMessage], Awaitable[Any]]] = None
         self._ready = asyncio.Event()
@@ -144,7 +150,10 @@ class WhatsAppInput(InputChannel):
         await state.create_schema()
         self.state = state
         owner = f"{socket.gethostname()}:{app.state.port}"
+        self.handoffs.hook(getattr(agent, "processor", None))
         await self.intake.start(owner)
+        self.desk.start(owner)
+        self.handoffs.start()
         self._ready.set()
         logger.info("WhatsApp care-window state and inbox: %s; this instance is %s", type(state.backend).__name__, owner)
 
@@ -226,9 +235,13 @@ class WhatsAppInput(InputChannel):
                 "other_numbers": dict(self.other_numbers),
             })
 
+        add_agent_routes(bp, self)
+
         @bp.listener("before_server_stop")  # the server still listens: new webhooks get 503
         async def finish_turns(*_: Any) -> None:
             await self.intake.stop(self.config.shutdown_deadline_seconds)
+            await self.handoffs.stop()
+            await self.desk.stop()
             if self._tasks:  # read receipts still on the wire
                 await asyncio.wait(self._tasks, timeout=2)
             self.opt_outs.close()
@@ -419,6 +432,7 @@ class WhatsAppInput(InputChannel):
             await self.opt_outs.opt_out(turn.sender_id, "keyword")
         agent = self._agent()
         guard(agent)
+        self.handoffs.hook(getattr(agent, "processor", None))
         user_message = UserMessage(
             text=said,
             output_channel=WhatsAppOutput(self, turn, again),

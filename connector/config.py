@@ -44,6 +44,11 @@ _OPTIONAL = (
     "pacing",
     "retry_budget_seconds",
     "max_body_bytes",
+    "agent_token",
+    "handoff_webhook_url",
+    "window_closing_lead_minutes",
+    "desk_backlog_limit",
+    "resume_intent",
 )
 _INBOUND_INTENTS = ("media", "location", "contacts", "order", "flow", "reaction", "call")
 _PACING = {  # key: (default, low, high, whole number)
@@ -97,6 +102,17 @@ class ChannelConfig:
     pacing: Mapping[str, float] = field(default_factory=lambda: {k: v[0] for k, v in _PACING.items()})
     retry_budget_seconds: float = 15.0
     max_body_bytes: int = 1_048_576
+    agent_token: str = ""
+    """Bearer token of the agent API (/webhooks/whatsapp/agent/...) and the key that signs desk
+    events; the agent API is off without it."""
+    handoff_webhook_url: str = ""
+    """Where the desk receives handoff events; none are kept without it."""
+    window_closing_lead_seconds: float = 3600.0
+    """How long before a handed-off conversation's window lapses the desk is warned."""
+    desk_backlog_limit: int = 1000
+    """Undelivered desk events kept per customer while the desk is down; past it new ones are dropped (logged)."""
+    resume_intent: Optional[str] = None
+    """Triggered after an agent hands a conversation back, so the bot can say it is back."""
 
     @property
     def phone_number_id(self) -> str:
@@ -148,6 +164,15 @@ class ChannelConfig:
         if redis_url:
             logger.warning("WhatsApp channel setting 'redis_url' is no longer used: duplicates are now detected in the "
                            "inbox, which lives with the tracker store and is shared by every instance; remove it")
+        agent_token = _optional_text(credentials, "agent_token")
+        desk_url = _optional_text(credentials, "handoff_webhook_url")
+        if desk_url and (urlparse(desk_url).scheme not in ("http", "https") or not urlparse(desk_url).netloc):
+            raise ConfigError("handoff_webhook_url", f"must be an http(s) URL, got {desk_url!r}")
+        if desk_url and not agent_token:
+            raise ConfigError("agent_token", "is needed with handoff_webhook_url: it signs the desk's events")
+        resume_intent = _optional_text(credentials, "resume_intent") or None
+        if resume_intent and not re.fullmatch(r"[^\s{}@/]+", resume_intent):
+            raise ConfigError("resume_intent", f"must be an intent name of the domain (no slash), got {resume_intent!r}")
         pacing = credentials.get("pacing") or {}
         if not isinstance(pacing, Mapping) or set(pacing) - set(_PACING):
             unknown = sorted(set(pacing) - set(_PACING)) if isinstance(pacing, Mapping) else []
@@ -179,6 +204,11 @@ class ChannelConfig:
             opt_out_intent=_optional_text(credentials, "opt_out_intent") or cls.opt_out_intent,
             api_token=_optional_text(credentials, "api_token"),
             simulator_clock_url=clock_url,
+            agent_token=agent_token,
+            handoff_webhook_url=desk_url,
+            window_closing_lead_seconds=60 * _number(credentials, "window_closing_lead_minutes", 60, 0, 1439, allow_zero=True),
+            desk_backlog_limit=int(_number(credentials, "desk_backlog_limit", 1000, 1, 1_000_000, whole=True)),
+            resume_intent=resume_intent,
         )
 
 

@@ -21,6 +21,12 @@ if [ -z "${RASA_AUTH_TOKEN:-}" ]; then
   echo "run: RASA_AUTH_TOKEN was not set; this run's HTTP API token is $RASA_AUTH_TOKEN"
 fi
 export RASA_AUTH_TOKEN
+if [ -z "${WHATSAPP_AGENT_TOKEN:-}" ]; then
+  WHATSAPP_AGENT_TOKEN=$("$VENV/bin/python" -c 'import secrets; print(secrets.token_hex(24))')
+  echo "run: WHATSAPP_AGENT_TOKEN was not set; this run's agent API token is $WHATSAPP_AGENT_TOKEN"
+fi
+export WHATSAPP_AGENT_TOKEN
+export WHATSAPP_HANDOFF_WEBHOOK_URL=${WHATSAPP_HANDOFF_WEBHOOK_URL:-}
 
 pids=()
 cleanup() { [ ${#pids[@]} -eq 0 ] || kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; }

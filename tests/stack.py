@@ -13,7 +13,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "models" / "whatsapp-demo.tar.gz"
@@ -73,12 +73,13 @@ class Stack:
         order_lookup_seconds: float = 0,
         redeliver_delays: Optional[str] = None,
         extra_numbers: tuple = (),
+        desk_url: str = "",
     ) -> None:
         """`tracker_store` and `lock_store` are endpoint types (`in_memory` for a lock store each
         process keeps to itself); `channel_settings` override keys of the channel's credentials;
         `order_lookup_seconds` makes the order-status action slow; `redeliver_delays` are the
         simulator's (as its --redeliver-delays); `extra_numbers` are more business numbers the
-        bot serves and the simulator knows."""
+        bot serves and the simulator knows; `desk_url` receives the handoff events."""
         self.workdir = workdir
         self.tracker_store = tracker_store
         self.lock_store = lock_store
@@ -100,6 +101,8 @@ class Stack:
         self.sim_port, self.actions_port = free_port(), free_port()
         self.rasa_ports = [free_port() for _ in range(instances)]
         self.auth_token = secrets.token_hex(16)  # never starts with "-", which rasa run would read as a flag
+        self.agent_token = secrets.token_hex(16)
+        self.desk_url = desk_url
         self.processes: Dict[str, subprocess.Popen] = {}
         self.logs: Dict[str, Path] = {}
 
@@ -134,6 +137,8 @@ class Stack:
             WHATSAPP_SIMULATOR_CLOCK_URL=self.sim_url,
             SIM_BOT_WEBHOOK_URL=self.webhook_url,
             RASA_AUTH_TOKEN=self.auth_token,
+            WHATSAPP_AGENT_TOKEN=self.agent_token,
+            WHATSAPP_HANDOFF_WEBHOOK_URL=self.desk_url,
             RASA_URL=self.rasa_url,
             ORDER_FOLLOW_UP_SECONDS=str(self.follow_up_seconds),
             STORE_FAULTS_FILE=str(self.fault_file),
@@ -281,6 +286,13 @@ class Stack:
         status, answer = http(method, f"{self.rasa_urls[instance]}{path}{joiner}token={self.auth_token}", body)
         assert status == 200, answer
         return answer
+
+    def agent(self, method: str, path: str, body: Any = None, instance: int = 0,
+              token: Optional[str] = None) -> Tuple[int, Any]:
+        """The agent API: (status, answer), with the agent token unless another is given."""
+        token = self.agent_token if token is None else token
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return http(method, f"{self.rasa_urls[instance]}/webhooks/whatsapp/agent/{path}", body, headers)
 
     def window(self, sender_id: str, instance: int = 0) -> Dict[str, Any]:
         """The channel's view of a customer's care window."""

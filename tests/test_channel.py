@@ -268,3 +268,39 @@ async def test_an_opt_out_a_previous_process_left_unfinished_is_finished_here(ap
     assert [(e.key, e.value) for e in tracker.events if e.type_name == "slot"] == [("whatsapp_opt_in", False)]
     assert not channel.state.backend.customer("16315551181").opt_out_pending
     assert not channel.opt_outs.counts_as_opted_out(channel.state.backend.customer("16315551181"))
+
+
+AGENT_URL = "/webhooks/whatsapp/agent/conversations/16315551181"
+
+
+async def test_the_agent_api_is_off_without_agent_token(app):
+    _, response = await app.asgi_client.get(AGENT_URL, headers={"Authorization": "Bearer anything"})
+    assert response.status == 404 and "agent_token" in response.json["error"]
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"txt": "hi"}, "txt"),
+    ({}, '"text" or "template"'),
+    ({"text": "hi", "template": {"name": "x", "language": "en_US"}}, '"text" or "template"'),
+    ({"text": ""}, "text"),
+    ({"text": "x" * 4097}, "text"),
+    ({"template": {"name": "order_update"}}, "template.language"),
+    ({"template": {"name": "order_update", "language": "en_US", "body": "10042"}}, "template.body"),
+    ({"template": {"name": "order_update", "language": "en_US", "body": ["{order_id}"]}}, "placeholders"),
+    ([], "JSON object"),
+])
+async def test_a_bad_agent_message_is_400_naming_the_field(body, field):
+    channel = WhatsAppInput.from_credentials({**CREDENTIALS, "agent_token": "agent-secret"})
+    app = make_app(channel)
+    _, response = await app.asgi_client.post(f"{AGENT_URL}/messages", content=json.dumps(body),
+                                             headers={"Authorization": "Bearer agent-secret"})
+    assert response.status == 400 and field in response.json["error"]
+
+
+@pytest.mark.parametrize("headers, status", [({}, 401), ({"Authorization": "Bearer wrong"}, 403),
+                                             ({"Authorization": "agent-secret"}, 401)])
+async def test_the_agent_api_wants_its_own_token(headers, status):
+    channel = WhatsAppInput.from_credentials({**CREDENTIALS, "agent_token": "agent-secret", "api_token": "api"})
+    app = make_app(channel)
+    _, response = await app.asgi_client.post(f"{AGENT_URL}/handoff", content="{}", headers=headers)
+    assert response.status == status

@@ -45,6 +45,11 @@ def test_defaults_for_empty_api_url_and_version():
         ({"max_in_flight": 2.5}, "max_in_flight"),
         ({"turn_attempts": 0}, "turn_attempts"),
         ({"shutdown_deadline_seconds": -1}, "shutdown_deadline_seconds"),
+        ({"handoff_webhook_url": "desk.example.com/hook", "agent_token": "t"}, "handoff_webhook_url"),
+        ({"handoff_webhook_url": "https://desk.example.com/hook"}, "agent_token"),
+        ({"window_closing_lead_minutes": 1440}, "window_closing_lead_minutes"),
+        ({"desk_backlog_limit": 0}, "desk_backlog_limit"),
+        ({"resume_intent": "/bot_is_back"}, "resume_intent"),
     ],
 )
 def test_bad_setting_is_named(change, bad_key):
@@ -78,3 +83,14 @@ def test_delivery_defaults_and_the_retired_redis_url(caplog):
     config = ChannelConfig.from_credentials({**VALID, "redis_url": "redis://127.0.0.1:6379/0"})
     assert (config.max_in_flight, config.turn_attempts, config.shutdown_deadline_seconds) == (200, 8, 20.0)
     assert "'redis_url' is no longer used" in caplog.text
+
+
+def test_handoff_settings_and_their_defaults():
+    off = ChannelConfig.from_credentials(VALID)
+    assert (off.agent_token, off.handoff_webhook_url, off.resume_intent) == ("", "", None)
+    assert (off.window_closing_lead_seconds, off.desk_backlog_limit) == (3600.0, 1000)
+    on = ChannelConfig.from_credentials({
+        **VALID, "agent_token": "agent-secret", "handoff_webhook_url": "https://desk.example.com/whatsapp",
+        "window_closing_lead_minutes": 90, "desk_backlog_limit": 50, "resume_intent": "bot_is_back"})
+    assert (on.agent_token, on.handoff_webhook_url) == ("agent-secret", "https://desk.example.com/whatsapp")
+    assert (on.window_closing_lead_seconds, on.desk_backlog_limit, on.resume_intent) == (5400.0, 50, "bot_is_back")
