@@ -18,7 +18,7 @@ from sanic.response import HTTPResponse
 
 from connector.care_state import OutboundRecord
 from connector.conversation import history
-from connector.decisions import masked, outcome
+from connector.decisions import masked
 from connector.signature import same_secret
 from connector.templates import InvalidTemplate, MissingParameter, parse_mapping
 
@@ -91,11 +91,11 @@ class AgentApi:
     # --- routes ------------------------------------------------------------------------------
 
     async def conversations(self, request: Request) -> HTTPResponse:
-        handoffs = await self.channel.handoffs.listed()
+        handoffs = self.channel.handoffs
         return response.json({"now": await self.channel.clock.now(), "conversations": [
             {"sender_id": h.sender_id, "since": h.since, "reason": h.reason, "last_inbound_at": h.last_inbound_at,
-             "window_expires_at": h.last_inbound_at + 86400 if h.last_inbound_at else None}
-            for h in handoffs
+             "window_expires_at": handoffs.expiry(h.last_inbound_at)}
+            for h in await self.channel.state.handoffs(500)
         ]})
 
     async def conversation(self, request: Request, sender_id: str) -> HTTPResponse:
@@ -118,8 +118,8 @@ class AgentApi:
     async def resume(self, request: Request, sender_id: str) -> HTTPResponse:
         agent = self.channel._agent()
         async with self.channel._lock(sender_id):
-            await self.channel.handoffs.resume(sender_id, agent.processor, self.channel.get_output_channel())
-        return response.json({"sender_id": sender_id, "paused": False})
+            changed = await self.channel.handoffs.resume(sender_id, agent.processor, self.channel.get_output_channel())
+        return response.json({"sender_id": sender_id, "paused": False, "changed": changed})
 
     async def message(self, request: Request, sender_id: str) -> HTTPResponse:
         try:
@@ -128,6 +128,8 @@ class AgentApi:
             return response.json({"error": str(bad)}, status=400)
         async with self.channel._lock(sender_id):
             record = await self.channel.outbound.deliver(sender_id, message)
+            if record is not None and record.decision == "suppressed" and _unavailable(record.reason):
+                return response.json({"error": "care_window_unknown", "reason": record.reason}, status=503)
             if record is None or record.decision == "suppressed":
                 return response.json(await self.refusal(sender_id, record), status=409)
             if record.status == "failed":
@@ -155,12 +157,12 @@ class AgentApi:
                                    "callback_id": record.callback_id, "template": record.template}}))
         await handoffs.save(tracker)
 
-    async def window(self, sender_id: str) -> Tuple[Dict[str, Any], Any]:
+    async def window(self, sender_id: str) -> Dict[str, Any]:
         now = await self.channel.clock.now()
         policy = self.config.care_window
         facts, _, _ = await self.channel.outbound.facts(sender_id, now, always_read_slots=True)
         is_open = facts.is_open(now, policy)
-        expires_at = facts.expires_at(now)
+        expires_at = self.channel.handoffs.expiry(facts.last_inbound_at)
         return {
             "now": now,
             "window_open": is_open,
@@ -169,10 +171,10 @@ class AgentApi:
             "opt_in": facts.opt_in,
             "templates_left": max(0, policy.templates_per_lapsed_window - facts.templates_sent),
             "templates": _template_names(self.config.templates),
-        }, facts
+        }
 
     async def refusal(self, sender_id: str, record: Optional[OutboundRecord]) -> Dict[str, Any]:
-        window, _ = await self.window(sender_id)
+        window = await self.window(sender_id)
         reason = record.reason if record is not None else "nothing in the message could be sent"
         if record is not None and record.template is None and "no template is mapped" in (record.reason or ""):
             reason = "outside the care window: only a template can reach the customer now"
@@ -181,15 +183,19 @@ class AgentApi:
 
     async def view(self, sender_id: str) -> Dict[str, Any]:
         state = self.channel.state
-        window, _ = await self.window(sender_id)
+        window = await self.window(sender_id)
         tracker = await self.channel.handoffs.tracker(sender_id, full=True)
         records = await state.recent_outbound(sender_id, 50)
         handoff = await state.handoff(sender_id)
+        paused = bool(tracker and tracker.is_paused())
+        if handoff is not None and not paused:  # resumed through Rasa's own events API
+            await self.channel.handoffs.ended(sender_id)
+            handoff = None
         backlog = await state.desk_backlog(sender_id, 100)
         return {
             "sender_id": sender_id,
             "now": window["now"],
-            "paused": bool(tracker and tracker.is_paused()),
+            "paused": paused,
             **{k: window[k] for k in ("window_open", "expires_at", "opt_in", "templates_left", "templates")},
             "expired_at": window["expired_at"],
             "handoff": {"since": handoff.since, "reason": handoff.reason} if handoff else None,
@@ -243,6 +249,11 @@ def _agent_message(body: Dict[str, Any]) -> Tuple[Dict[str, Any], Dict[str, Any]
         whatsapp["components"] = [dict(c) for c in components]
     custom = {"type": "template", "template": whatsapp}
     return {"custom": custom, "agent": True}, {"custom": custom}
+
+
+def _unavailable(reason: Optional[str]) -> bool:
+    """Suppressed because the state could not be read or written: worth a retry, not a 409."""
+    return bool(reason) and ("care window unknown" in reason or "could not be written" in reason)
 
 
 def _template_names(book: Any) -> list:

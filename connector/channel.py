@@ -24,7 +24,7 @@ from connector.config import ChannelConfig
 from connector.decisions import masked, outcome
 from connector.desk import Desk
 from connector.errors import GraphError
-from connector.handoff import Handoffs
+from connector.handoff import Handoffs, install as install_handoffs
 from connector.inbound import rasa_metadata, rasa_text
 from connector.intake import Busy, Intake
 from connector.opt_out import OptOuts
@@ -150,7 +150,7 @@ class WhatsAppInput(InputChannel):
         await state.create_schema()
         self.state = state
         owner = f"{socket.gethostname()}:{app.state.port}"
-        self.handoffs.hook(getattr(agent, "processor", None))
+        install_handoffs(self.handoffs)
         await self.intake.start(owner)
         self.desk.start(owner)
         self.handoffs.start()
@@ -432,7 +432,6 @@ class WhatsAppInput(InputChannel):
             await self.opt_outs.opt_out(turn.sender_id, "keyword")
         agent = self._agent()
         guard(agent)
-        self.handoffs.hook(getattr(agent, "processor", None))
         user_message = UserMessage(
             text=said,
             output_channel=WhatsAppOutput(self, turn, again),

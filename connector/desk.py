@@ -24,6 +24,9 @@ logger = logging.getLogger(__name__)
 
 LEASE_SECONDS = 30.0
 MAX_BACKOFF_SECONDS = 60.0
+REFUSED = (400, 413, 422)
+"""The desk says this event itself is wrong: it is dropped (logged). Anything else (a desk being
+deployed, a wrong key) is retried."""
 
 
 def signature(body: bytes, key: str) -> str:
@@ -45,8 +48,6 @@ class Desk:
         self._task: Optional["asyncio.Task[None]"] = None
         self._session: Optional[aiohttp.ClientSession] = None
         self._full: Set[str] = set()
-        self.delivered = 0
-        self.dropped = 0
 
     @property
     def enabled(self) -> bool:
@@ -57,12 +58,15 @@ class Desk:
         is then retried, and a stable `event_id` keeps the retry from storing it twice)."""
         if not self.enabled:
             return
-        body: Dict[str, Any] = {"event": event, "sender_id": sender_id, "at": await self.now(), **fields}
-        record = DeskEvent(event_id or f"{event}:{uuid.uuid4().hex}", sender_id, body, time.time())
+        event_id = event_id or f"{event}:{uuid.uuid4().hex}"
+        body: Dict[str, Any] = {"id": event_id, "event": event, "sender_id": sender_id, "at": await self.now(), **fields}
+        record = DeskEvent(event_id, sender_id, body, time.time())
         if await self.state().add_desk_event(record, self.backlog_limit):
             self._full.discard(sender_id)
             self._wake.set()
         elif sender_id not in self._full:  # logged once per backlog that fills up
+            if len(self._full) > 10_000:
+                self._full.clear()
             self._full.add(sender_id)
             logger.error("Desk events for %s are dropped: %d are waiting for the desk at %s already "
                          "(desk_backlog_limit)", masked(sender_id), self.backlog_limit, self.url)
@@ -90,8 +94,7 @@ class Desk:
             except Exception as error:
                 logger.error("Desk events unreadable: %s: %s", type(error).__name__, error)
                 events = []
-            if events:
-                await asyncio.gather(*(self._deliver(event) for event in events))
+            if events and all(await asyncio.gather(*(self._deliver(event) for event in events))):
                 continue  # each customer's next event is due now
             self._wake.clear()
             try:
@@ -99,7 +102,8 @@ class Desk:
             except asyncio.TimeoutError:
                 pass
 
-    async def _deliver(self, event: DeskEvent) -> None:
+    async def _deliver(self, event: DeskEvent) -> bool:
+        """False if the state could not be told (the event's lease runs out; not again at once)."""
         body = dump_json(event.body).encode()
         headers = {"Content-Type": "application/json", "X-Signature-256": signature(body, self.key)}
         try:
@@ -110,19 +114,18 @@ class Desk:
             status, problem = 0, f"the desk could not be reached ({type(error).__name__})"
         state = self.state()
         try:
-            if 200 <= status < 300 or (400 <= status < 500 and status not in (408, 429)):
-                if status >= 400:  # the desk refuses this event: waiting would hold up the rest
-                    self.dropped += 1
+            if 200 <= status < 300 or status in REFUSED:
+                if status in REFUSED:  # the desk cannot take this event: waiting would hold up the rest
                     logger.error("Desk refused %s event %s for %s with %d: dropped", event.body.get("event"),
                                  event.event_id, masked(event.sender_id), status)
-                else:
-                    self.delivered += 1
                 await state.desk_event_delivered(event.event_id)
-                return
+                return True
             attempts = event.attempts + 1
             delay = min(MAX_BACKOFF_SECONDS, 2.0 ** (attempts - 1))
             logger.warning("Desk event %s for %s not delivered (attempt %d, again in %.0f s): %s",
                            event.event_id, masked(event.sender_id), attempts, delay, problem)
             await state.desk_event_failed(event.event_id, attempts, problem, time.time() + delay)
-        except Exception as error:  # its lease runs out and it is tried again
+            return True
+        except Exception as error:
             logger.error("Desk event %s: the state could not be updated: %s", event.event_id, error)
+            return False

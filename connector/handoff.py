@@ -3,8 +3,9 @@ it (a bot action, Rasa's events API, the agent API).
 
 Rasa stores a paused conversation's messages and predicts nothing, but its `SessionStarted`
 clears the pause: a customer who writes after the session expired would be answered by the bot
-in the middle of a handoff. Two hooks on Rasa's processor keep it with the person and tell the
-desk what happens, both before Rasa saves the turn (a failure retries the turn, never loses it):
+in the middle of a handoff. Two hooks on Rasa's `MessageProcessor` (the class: `PUT /model` makes
+new processors, and reminders run on them) keep it with the person and tell the desk what
+happens, both before Rasa saves the turn (a failure retries the turn, never loses it):
 
 - at a session start, a paused conversation is paused again in the new session;
 - after each prediction loop, a pause or resume is registered in the shared state (so every
@@ -16,12 +17,12 @@ Nothing is read or written for a conversation that is not paused.
 
 import asyncio
 import logging
-from typing import Any, Awaitable, Callable, Dict, List, Optional
+from typing import Any, Awaitable, Callable, Dict, Optional
 
 from rasa.shared.core.events import ActionExecuted, ConversationPaused, ConversationResumed, UserUttered
 
 from connector.action_guard import in_channel_turn
-from connector.care_state import Handoff, unwrap
+from connector.care_state import unwrap
 from connector.config import ChannelConfig
 from connector.conversation import customer_message, history
 from connector.decisions import masked
@@ -34,6 +35,36 @@ from connector.window import CARE_WINDOW_SECONDS
 logger = logging.getLogger(__name__)
 
 _HOOKED = "_whatsapp_handoff_hooked"
+_active: Optional["Handoffs"] = None
+"""The running channel's handoffs, which the processor hooks report to."""
+
+
+def install(handoffs: "Handoffs") -> None:
+    """Hook Rasa's processor class once per process; the latest channel started gets the reports."""
+    from rasa.core.processor import MessageProcessor
+
+    global _active
+    _active = handoffs
+    if getattr(MessageProcessor, _HOOKED, False):
+        return
+    update_session, prediction_loop = MessageProcessor._update_tracker_session, MessageProcessor._run_prediction_loop
+
+    async def keep_paused(processor: Any, tracker: Any, output_channel: Any, metadata: Optional[Dict] = None) -> None:
+        paused = tracker.is_paused()
+        await update_session(processor, tracker, output_channel, metadata)
+        if paused and not tracker.is_paused():
+            logger.info("Conversation %s is with an agent: paused again in its new Rasa session", masked(tracker.sender_id))
+            tracker.update(ConversationPaused())
+
+    async def observed(processor: Any, output_channel: Any, tracker: Any) -> None:
+        paused = tracker.is_paused()
+        await prediction_loop(processor, output_channel, tracker)
+        if (paused or tracker.is_paused()) and _active is not None:
+            await _active.after_prediction(tracker, paused)
+
+    MessageProcessor._update_tracker_session = keep_paused
+    MessageProcessor._run_prediction_loop = observed
+    setattr(MessageProcessor, _HOOKED, True)
 
 
 class Handoffs:
@@ -46,33 +77,9 @@ class Handoffs:
         self.sweep_seconds = sweep_seconds
         self._sweeper: Optional["asyncio.Task[None]"] = None
 
-    # --- Rasa's processor ------------------------------------------------------------------
+    # --- what Rasa's processor reports ------------------------------------------------------
 
-    def hook(self, processor: Any) -> None:
-        """Once per processor (`PUT /model` makes a new one)."""
-        if processor is None or getattr(processor, _HOOKED, False):
-            return
-        update_session, prediction_loop = processor._update_tracker_session, processor._run_prediction_loop
-
-        async def keep_paused(tracker: Any, output_channel: Any, metadata: Optional[Dict] = None) -> None:
-            paused = tracker.is_paused()
-            await update_session(tracker, output_channel, metadata)
-            if paused and not tracker.is_paused():
-                logger.info("Conversation %s is with an agent: paused again in its new Rasa session",
-                            masked(tracker.sender_id))
-                tracker.update(ConversationPaused())
-
-        async def observed(output_channel: Any, tracker: Any) -> None:
-            paused = tracker.is_paused()
-            await prediction_loop(output_channel, tracker)
-            if paused or tracker.is_paused():
-                await self._after_prediction(tracker, paused)
-
-        processor._update_tracker_session = keep_paused
-        processor._run_prediction_loop = observed
-        setattr(processor, _HOOKED, True)
-
-    async def _after_prediction(self, tracker: Any, was_paused: bool) -> None:
+    async def after_prediction(self, tracker: Any, was_paused: bool) -> None:
         sender_id = tracker.sender_id
         try:
             if not tracker.is_paused():  # a bot action resumed it
@@ -100,7 +107,8 @@ class Handoffs:
         try:
             customer = await state.customer(sender_id)
             records = await state.recent_outbound(sender_id, 20)
-            await self.desk.emit(sender_id, "handoff", reason=reason, window_expires_at=_expiry(customer.last_inbound_at),
+            await self.desk.emit(sender_id, "handoff", event_id=f"handoff:{sender_id}:{now}", reason=reason,
+                                 window_expires_at=self.expiry(customer.last_inbound_at),
                                  messages=history(events, records, 20))
         except Exception:
             await state.end_handoff(sender_id)  # so that the retry starts it, and tells the desk, again
@@ -120,20 +128,22 @@ class Handoffs:
         if message is None:
             return
         await self.desk.emit(sender_id, "message", event_id=f"message:{message['wamid']}", **message,
-                             window_expires_at=_expiry(message["timestamp"]))
+                             window_expires_at=self.expiry(message["timestamp"]))
 
     # --- what the agent API does -------------------------------------------------------------
 
     async def tracker(self, sender_id: str, full: bool = False) -> Any:
-        """Read off the event loop (SQL stores block); `full` for every session's events."""
-        store = self.stores().tracker_store
+        """Read off the event loop (SQL stores block), from the store itself: Rasa's fail-safe
+        wrapper would answer a failed read with an empty tracker; `full` for every session."""
+        store = unwrap(self.stores().tracker_store)
         if full:
-            return await off_loop(unwrap(store), lambda: unwrap(store).retrieve_full_tracker(sender_id))
-        return await off_loop(unwrap(store), lambda: store.get_or_create_tracker(sender_id))
+            return await off_loop(store, lambda: store.retrieve_full_tracker(sender_id), saves=False)
+        return await off_loop(store, lambda: store.get_or_create_tracker(sender_id, append_action_listen=False))
 
     async def save(self, tracker: Any) -> None:
-        store = self.stores().tracker_store
-        await off_loop(unwrap(store), lambda: store.save(tracker))
+        """Raises if the store cannot take it (the fail-safe wrapper would keep it in memory)."""
+        store = unwrap(self.stores().tracker_store)
+        await off_loop(store, lambda: store.save(tracker))
 
     async def pause(self, sender_id: str, reason: Optional[str]) -> bool:
         """Call with Rasa's lock held. False if it was paused already."""
@@ -146,22 +156,27 @@ class Handoffs:
         await self.started(sender_id, reason, tracker.events)
         return True
 
-    async def resume(self, sender_id: str, processor: Any, output_channel: Any) -> None:
+    async def resume(self, sender_id: str, processor: Any, output_channel: Any) -> bool:
         """Call with Rasa's lock held: the conversation is the bot's again, and with
-        `resume_intent` the bot says so."""
+        `resume_intent` the bot says so. False if it was not paused (nothing is said)."""
+        tracker = await self.tracker(sender_id)
+        if not tracker.is_paused():
+            await self.ended(sender_id)  # resumed through Rasa's own API
+            return False
+        _resume(tracker)
+        await self.save(tracker)
         await self.ended(sender_id)
         if self.config.resume_intent:
             tracker = await processor.fetch_tracker_and_update_session(sender_id, output_channel)
-            _resume(tracker)
             await processor.trigger_external_user_uttered(self.config.resume_intent, {}, tracker, output_channel)
-            return
-        tracker = await self.tracker(sender_id)
-        if tracker.is_paused():
-            _resume(tracker)
-            await self.save(tracker)
+        return True
 
-    async def listed(self) -> List[Handoff]:
-        return await self.stores().state.handoffs(500)
+    def expiry(self, last_inbound_at: Optional[float]) -> Optional[float]:
+        """When the channel stops sending free-form (the margin before Meta's end), as the
+        conversation views say."""
+        if not last_inbound_at:
+            return None
+        return float(last_inbound_at) + CARE_WINDOW_SECONDS - self.config.care_window.margin_seconds
 
     # --- the warning before a handed-off conversation's window lapses -------------------------
 
@@ -194,7 +209,7 @@ class Handoffs:
             window_of = handoff.last_inbound_at
             if not window_of or (handoff.closing_sent_for or 0) >= window_of:
                 continue
-            expires_at = _expiry(window_of)
+            expires_at = self.expiry(window_of)
             if not (expires_at - lead <= now < expires_at):
                 continue
             if not (await self.tracker(handoff.sender_id)).is_paused():  # resumed through Rasa's own API
@@ -205,10 +220,6 @@ class Handoffs:
             if await state.mark_window_closing(handoff.sender_id, window_of):
                 warned += 1
         return warned
-
-
-def _expiry(last_inbound_at: Optional[float]) -> Optional[float]:
-    return float(last_inbound_at) + CARE_WINDOW_SECONDS if last_inbound_at else None
 
 
 def _resume(tracker: Any) -> None:

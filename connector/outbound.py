@@ -169,7 +169,7 @@ class OutboundPath:
         again: bool = False,
     ) -> Optional[OutboundRecord]:
         state = self.stores().state
-        last: Optional[OutboundRecord] = None
+        result: Optional[OutboundRecord] = None
         for index, part in enumerate(rendered.messages):
             last = index == len(rendered.messages) - 1
             record = _new(base, index, choices=rendered.numbered_choices if last else ())
@@ -188,11 +188,11 @@ class OutboundPath:
             except GraphError as error:
                 return await self._failed(record, error)
             if wamid is None:  # a status webhook resolves it (or already did)
-                last = replace(record, status="unknown")
+                result = replace(record, status="unknown")
                 continue
-            last = replace(record, wamid=wamid, status="accepted")
-            log_decision(last)
-        return last
+            result = replace(record, wamid=wamid, status="accepted")
+            log_decision(result)
+        return result
 
     async def _send_resolving_unknown(self, record: OutboundRecord, part: Dict[str, Any], number: Optional[str]) -> Optional[str]:
         """The wamid; None when the answer was lost and the status webhooks settle it. A lost

@@ -123,10 +123,10 @@ def _sql_newest_first(
         size = _PAGE
 
 
-async def off_loop(store: TrackerStore, call: Any) -> Any:
+async def off_loop(store: TrackerStore, call: Any, saves: bool = True) -> Any:
     """Run one of the store's own async methods (`call()` makes the coroutine) in a worker
-    thread: Rasa's SQL and Redis stores block inside them. With an event broker, whose client
-    belongs to Rasa's loop, it runs on the loop instead."""
-    if getattr(store, "event_broker", None) is not None:
+    thread: Rasa's SQL and Redis stores block inside them. A save with an event broker, whose
+    client belongs to Rasa's loop, runs on the loop instead (reads never touch the broker)."""
+    if saves and getattr(store, "event_broker", None) is not None:
         return await call()
     return await asyncio.to_thread(lambda: asyncio.run(call()))

@@ -2,6 +2,8 @@
 with the WhatsApp channel, wired together on free local ports. Used by the end-to-end tests and
 by bench/."""
 
+import hashlib
+import hmac
 import itertools
 import json
 import os
@@ -9,9 +11,11 @@ import secrets
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -333,3 +337,54 @@ class Stack:
                 pass
             time.sleep(0.25)
         raise RuntimeError(f"{name} not ready after {timeout}s:\n{self.log(name)[-3000:]}")
+
+
+class FakeDesk:
+    """A desk's webhook: records the handoff events it takes, checks their signature, and can be
+    down (503)."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        self.events = []
+        self.refused = 0
+        self.bad_signatures = 0
+        self.down = False
+        desk = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                expected = "sha256=" + hmac.new(desk.key.encode(), body, hashlib.sha256).hexdigest()
+                if self.headers.get("X-Signature-256") != expected:
+                    desk.bad_signatures += 1
+                    self.send_response(401)
+                elif desk.down:
+                    desk.refused += 1
+                    self.send_response(503)
+                else:
+                    desk.events.append(json.loads(body))
+                    self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *_):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_port}/whatsapp-events"
+
+    def of(self, sender_id, event=None):
+        return [e for e in self.events if e["sender_id"] == sender_id and (event is None or e["event"] == event)]
+
+    def wait(self, sender_id, event, count=1, timeout=20):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = self.of(sender_id, event)
+            if len(found) >= count:
+                return found
+            time.sleep(0.05)
+        raise AssertionError(f"the desk got {len(self.of(sender_id, event))} {event} event(s) for {sender_id}: "
+                             f"{self.of(sender_id)}")

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from connector.signature import sign
-from tests.stack import APP_SECRET, Stack, http, new_wa_id
+from tests.stack import APP_SECRET, FakeDesk, Stack, http, new_wa_id
 from tests.test_e2e import webhook_from
 
 pytestmark = [pytest.mark.e2e, pytest.mark.services]
@@ -20,12 +20,20 @@ A, B = 0, 1
 
 
 @pytest.fixture(scope="module")
-def pair(tmp_path_factory):
+def pair_and_desk(tmp_path_factory):
     stack = Stack(tmp_path_factory.mktemp("multi"), instances=2, shared=True, order_lookup_seconds=2)
+    desk = FakeDesk(stack.agent_token)
+    stack.desk_url = desk.url
     try:
-        yield stack.start()
+        yield stack.start(), desk
     finally:
         stack.stop()
+        desk.server.shutdown()
+
+
+@pytest.fixture
+def pair(pair_and_desk):
+    return pair_and_desk[0]
 
 
 def post_to(stack, instance, body):
@@ -136,3 +144,28 @@ def test_twenty_concurrent_triggers_on_two_unlocked_instances_send_one_template(
     assert kinds(pair, wa_id) == ["text", "template"]
     records = pair.window(wa_id, A)["records"]
     assert [r["kind"] for r in records].count("template") == 1
+
+
+def test_a_handoff_holds_on_both_instances_and_the_desk_hears_each_message_once(pair_and_desk, wa_id):
+    pair, desk = pair_and_desk
+    pair.customer_says(wa_id, "hi")
+    pair.wait_outbound(wa_id, 1)
+    assert pair.agent("POST", f"conversations/{wa_id}/handoff", {"reason": "on B"}, instance=B)[0] == 200
+    for n, instance in enumerate((A, B, A), start=1):
+        body = webhook_from(wa_id, [{"from": wa_id, "id": f"wamid.h{n}{wa_id}", "timestamp": str(int(pair.sim_now())),
+                                     "type": "text", "text": {"body": f"message {n}"}}])
+        assert post_to(pair, instance, body) == 200
+        desk.wait(wa_id, "message", n)
+    assert pair.agent("GET", f"conversations/{wa_id}", instance=A)[1]["paused"] is True
+    assert wa_id in [c["sender_id"] for c in pair.agent("GET", "conversations", instance=A)[1]["conversations"]]
+    status, sent = pair.agent("POST", f"conversations/{wa_id}/messages", {"text": "Sam here"}, instance=A)
+    assert status == 200 and sent["decision"] == "free_form"
+    assert pair.agent("POST", f"conversations/{wa_id}/resume", instance=B)[0] == 200
+    assert pair.wait_outbound(wa_id, 3)[-1]["payload"]["text"]["body"].startswith("I'm back!")
+    desk.wait(wa_id, "resumed")
+    time.sleep(2)  # both instances deliver desk events: none twice
+    assert [e["event"] for e in desk.of(wa_id)] == ["handoff", "message", "message", "message", "resumed"]
+    assert [e["text"] for e in desk.of(wa_id, "message")] == ["message 1", "message 2", "message 3"]
+    out = [m["payload"] for m in pair.conversation(wa_id)["messages"] if m["direction"] == "out"]
+    assert len(out) == 3 and out[1]["text"]["body"] == "Sam here"
+
