@@ -73,6 +73,7 @@ class WhatsAppOutput(OutputChannel):
     async def send_response(self, recipient_id: Text, message: Dict[Text, Any]) -> None:
         turn, self._replies = self.turn, self._replies + 1
         try:
+            await self.channel.until_ready()  # Rasa answers its HTTP API before the state is open
             await self.channel.outbound.deliver(
                 recipient_id, dict(message),
                 in_flight_inbound_at=float(turn.timestamp) if turn else None,  # Rasa saves it after the turn
@@ -120,6 +121,11 @@ class WhatsAppInput(InputChannel):
         """Webhooks answered 503 since start (full, shutting down, inbox not writable)."""
         self.other_numbers: Counter = Counter()
         """Webhook items for business numbers this bot does not serve, by number."""
+
+    async def until_ready(self, timeout: float = 30.0) -> None:
+        """Until the state is open: `after_server_start` opens it after Rasa is already serving."""
+        if not self._ready.is_set():
+            await asyncio.wait_for(self._ready.wait(), timeout)
 
     def get_output_channel(self) -> WhatsAppOutput:
         """For trigger_intent and the events API: no customer message in flight."""
@@ -204,11 +210,10 @@ class WhatsAppInput(InputChannel):
             except (ValueError, MalformedWebhook) as problem:
                 logger.warning("Webhook refused: %s", problem)
                 return response.text(f"malformed webhook: {problem}", status=400)
-            if not self._ready.is_set():
-                try:
-                    await asyncio.wait_for(self._ready.wait(), timeout=10)
-                except asyncio.TimeoutError:  # Meta redelivers later
-                    return self._refuse("starting")
+            try:
+                await self.until_ready(timeout=10)
+            except asyncio.TimeoutError:  # Meta redelivers later
+                return self._refuse("starting")
             return await self._dispatch(webhook)
 
         @bp.get("/conversations/<sender_id>")

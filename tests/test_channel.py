@@ -304,3 +304,17 @@ async def test_the_agent_api_wants_its_own_token(headers, status):
     app = make_app(channel)
     _, response = await app.asgi_client.post(f"{AGENT_URL}/handoff", content="{}", headers=headers)
     assert response.status == status
+
+
+async def test_a_bot_message_sent_while_the_server_starts_waits_for_the_state_instead_of_being_lost(channel):
+    """Rasa answers its HTTP API (trigger_intent) a moment before `after_server_start` opens the state."""
+    early = asyncio.get_running_loop().create_task(
+        WhatsAppOutput(channel).send_response("16315551181", {"text": "Hello!", "utter_action": "utter_greet"}))
+    await asyncio.sleep(0.2)
+    assert not early.done()
+    app = make_app(channel)
+    _, response = await app.asgi_client.get("/webhooks/whatsapp/")
+    assert response.status == 200
+    await asyncio.wait_for(early, 10)
+    (record,) = await channel.state.recent_outbound("16315551181")
+    assert record.decision == "suppressed" and record.response == "utter_greet"  # decided and recorded
