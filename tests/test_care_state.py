@@ -13,7 +13,9 @@ import sqlalchemy as sa
 from rasa.core.tracker_store import InMemoryTrackerStore, RedisTrackerStore, SQLTrackerStore
 from rasa.shared.core.domain import Domain
 
-from connector.care_state import CareState, DeskEvent, OutboundRecord, PendingTurn, UnsupportedTrackerStore, backend_for
+from connector.care_state import (
+    CareState, DeskEvent, OutboundRecord, PendingTurn, TemplateState, UnsupportedTrackerStore, backend_for,
+)
 from connector.care_state.sql import SchemaError, SqlBackend
 from tests.services import postgres_settings, redis_settings
 
@@ -458,6 +460,82 @@ def test_concurrent_claimers_never_take_the_same_event(backend, sender):
     forget_desk_events(backend, *senders)
 
 
+# --- templates as Meta knows them ----------------------------------------------------------------
+
+@pytest.fixture
+def template_name():
+    """PostgreSQL and Redis keep templates across runs: each test's are its own."""
+    return f"order_update_{uuid.uuid4().hex[:12]}"
+
+
+def stored(backend, *names):
+    return [t for t in backend.templates() if t.name in names]
+
+
+def test_a_template_is_created_and_read_back_per_language(backend, template_name):
+    at = 1_700_000_000.123456
+    assert backend.update_template(TemplateState(template_name, "fr", "APPROVED", "UTILITY", at))
+    assert backend.update_template(TemplateState(template_name, "en_US", "PENDING", "MARKETING", at + 1))
+    assert stored(backend, template_name) == [
+        TemplateState(template_name, "en_US", "PENDING", "MARKETING", at + 1),
+        TemplateState(template_name, "fr", "APPROVED", "UTILITY", at),
+    ]
+
+
+def test_a_later_word_wins_and_an_earlier_one_is_refused(backend, template_name):
+    at = 1_700_000_000.5
+    assert backend.update_template(TemplateState(template_name, "fr", "APPROVED", "UTILITY", at))
+    assert backend.update_template(TemplateState(template_name, "fr", "PAUSED", "MARKETING", at + 0.25))
+    assert not backend.update_template(TemplateState(template_name, "fr", "APPROVED", "UTILITY", at + 0.125))
+    assert stored(backend, template_name) == [TemplateState(template_name, "fr", "PAUSED", "MARKETING", at + 0.25)]
+    # the same time counts as stored
+    assert backend.update_template(TemplateState(template_name, "fr", "DISABLED", "MARKETING", at + 0.25))
+    assert stored(backend, template_name)[0].status == "DISABLED"
+
+
+def test_status_only_and_category_only_updates_keep_the_other_field(backend, template_name):
+    assert backend.update_template(TemplateState(template_name, "fr", "APPROVED", "UTILITY", 100.0))
+    assert backend.update_template(TemplateState(template_name, "fr", "PAUSED", "", 200.0), category=False)
+    assert stored(backend, template_name) == [TemplateState(template_name, "fr", "PAUSED", "UTILITY", 200.0)]
+    assert backend.update_template(TemplateState(template_name, "fr", "", "MARKETING", 300.0), status=False)
+    assert stored(backend, template_name) == [TemplateState(template_name, "fr", "PAUSED", "MARKETING", 300.0)]
+    # refused: neither field nor the time moves
+    assert not backend.update_template(TemplateState(template_name, "fr", "APPROVED", "", 250.0), category=False)
+    assert stored(backend, template_name) == [TemplateState(template_name, "fr", "PAUSED", "MARKETING", 300.0)]
+
+
+def test_a_template_first_known_by_one_field_gets_an_empty_other(backend, template_name):
+    other = template_name + "_b"
+    assert backend.update_template(TemplateState(template_name, "fr", "PAUSED", "UTILITY", 10.0), category=False)
+    assert backend.update_template(TemplateState(other, "fr", "PAUSED", "UTILITY", 10.0), status=False)
+    assert stored(backend, template_name, other) == [TemplateState(template_name, "fr", "PAUSED", "", 10.0),
+                                                     TemplateState(other, "fr", "", "UTILITY", 10.0)]
+
+
+def test_concurrent_updates_keep_the_latest_word(backend, template_name):
+    start = threading.Barrier(16)
+    base = 1_700_000_000.0
+
+    def update(n):
+        start.wait()
+        # a status-only, a category-only or a full word, in a shuffled order of times
+        at = base + (n * 7 % 16) / 8
+        return at, backend.update_template(
+            TemplateState(template_name, "fr", f"S{n}", f"C{n}", at), status=n % 3 != 1, category=n % 3 != 2)
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        results = list(pool.map(update, range(16)))
+    latest = max(at for at, _ in results)
+    assert [ok for at, ok in results if at == latest] == [True]
+    (template,) = stored(backend, template_name)
+    assert template.updated_at == latest
+    n = next(n for n in range(16) if results[n][0] == latest)
+    if n % 3 != 1:
+        assert template.status == f"S{n}"
+    if n % 3 != 2:
+        assert template.category == f"C{n}"
+
+
 async def test_the_async_face_runs_calls_off_the_event_loop(tmp_path, sender):
     threads = []
 
@@ -483,6 +561,7 @@ def test_tables_that_cannot_be_created_fail_with_the_ddl(tmp_path):
         SqlBackend(engine).create_schema()
     message = str(raised.value)
     assert "CREATE TABLE whatsapp_customers" in message and "CREATE TABLE whatsapp_outbound" in message
+    assert "CREATE TABLE whatsapp_templates" in message
     assert "README" in message
 
 

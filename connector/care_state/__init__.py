@@ -1,7 +1,7 @@
 """The one care-window state per customer, shared by every Rasa instance: it lives with the
 tracker store (same SQL database, same Redis, or in memory beside the in-memory store).
 
-- `records.py`: what is kept (CustomerState, OutboundRecord, PendingTurn, Handoff, DeskEvent);
+- `records.py`: what is kept (CustomerState, OutboundRecord, PendingTurn, Handoff, DeskEvent, TemplateState);
 - `base.py`: the interface, and the async face that runs every call in a worker thread;
 - `sql.py`, `redis.py`, `memory.py`: one backend per kind of tracker store.
 """
@@ -9,9 +9,11 @@ tracker store (same SQL database, same Redis, or in memory beside the in-memory 
 from typing import Any
 
 from connector.care_state.base import CareState, CareStateBackend
-from connector.care_state.records import SENT_STATUSES, CustomerState, DeskEvent, Handoff, OutboundRecord, PendingTurn
+from connector.care_state.records import (
+    SENT_STATUSES, CustomerState, DeskEvent, Handoff, OutboundRecord, PendingTurn, TemplateState,
+)
 
-__all__ = ["CareState", "CareStateBackend", "CustomerState", "DeskEvent", "Handoff", "OutboundRecord", "PendingTurn", "SENT_STATUSES",
+__all__ = ["CareState", "CareStateBackend", "CustomerState", "DeskEvent", "Handoff", "OutboundRecord", "PendingTurn", "SENT_STATUSES", "TemplateState",
            "UnsupportedTrackerStore", "backend_for", "unwrap"]
 
 

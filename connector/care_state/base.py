@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any, Callable, List, Optional, Sequence, TypeVar
 
-from connector.care_state.records import CustomerState, DeskEvent, Handoff, OutboundRecord, PendingTurn
+from connector.care_state.records import CustomerState, DeskEvent, Handoff, OutboundRecord, PendingTurn, TemplateState
 
 T = TypeVar("T")
 
@@ -144,6 +144,19 @@ class CareStateBackend(ABC):
         """The customer's undelivered events, oldest first."""
 
 
+    # --- templates as Meta knows them ---------------------------------------------------------
+
+    @abstractmethod
+    def update_template(self, template: TemplateState, status: bool = True, category: bool = True) -> bool:
+        """Store what Meta says of one template unless the stored word is later (`updated_at`);
+        `status` / `category` False keeps that field as stored (a webhook says one of them).
+        A template not stored yet is created (with "" for a field not given). True if stored."""
+
+    @abstractmethod
+    def templates(self) -> List[TemplateState]:
+        """Every template stored, by name and language."""
+
+
 class CareState:
     """The async face of a backend. Calls run on a small thread pool of their own, so a stalled
     database holds up only these threads, never the webhook's acknowledgement."""
@@ -246,6 +259,12 @@ class CareState:
 
     async def desk_backlog(self, sender_id: str, limit: int = 100) -> List[DeskEvent]:
         return await self.run(self.backend.desk_backlog, sender_id, limit)
+
+    async def update_template(self, template: TemplateState, status: bool = True, category: bool = True) -> bool:
+        return await self.run(self.backend.update_template, template, status, category)
+
+    async def templates(self) -> List[TemplateState]:
+        return await self.run(self.backend.templates)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)

@@ -6,7 +6,7 @@ from dataclasses import dataclass, replace
 from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 from connector.care_state.base import CareStateBackend
-from connector.care_state.records import STATUS_RANK, CustomerState, DeskEvent, Handoff, OutboundRecord, PendingTurn
+from connector.care_state.records import STATUS_RANK, CustomerState, DeskEvent, Handoff, OutboundRecord, PendingTurn, TemplateState
 
 _KEPT_PER_CUSTOMER = 200
 
@@ -41,6 +41,7 @@ class MemoryBackend(CareStateBackend):
         self._desk_queues: Dict[str, List[str]] = {}
         """A customer's undelivered event ids, in seq order (the head first)."""
         self._desk_seq = 0
+        self._templates: Dict[Tuple[str, str], TemplateState] = {}
 
     def create_schema(self) -> None:
         pass
@@ -261,3 +262,20 @@ class MemoryBackend(CareStateBackend):
     def desk_backlog(self, sender_id: str, limit: int) -> List[DeskEvent]:
         with self._lock:
             return [self._desk[key].event for key in self._desk_queues.get(sender_id, [])[:max(limit, 0)]]
+
+    # --- templates as Meta knows them ---------------------------------------------------------
+
+    def update_template(self, template: TemplateState, status: bool = True, category: bool = True) -> bool:
+        key = (template.name, template.language)
+        with self._lock:
+            known = self._templates.get(key) or TemplateState(template.name, template.language, "", "", 0.0)
+            if key in self._templates and known.updated_at > template.updated_at:
+                return False
+            self._templates[key] = replace(
+                known, status=template.status if status else known.status,
+                category=template.category if category else known.category, updated_at=float(template.updated_at))
+            return True
+
+    def templates(self) -> List[TemplateState]:
+        with self._lock:
+            return [self._templates[key] for key in sorted(self._templates)]

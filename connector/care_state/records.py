@@ -122,3 +122,18 @@ class DeskEvent:
     attempts: int = 0
     next_attempt_at: float = 0.0
     error: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class TemplateState:
+    """A template (in one language) as Meta last said it is: from the sync, its webhooks, or a
+    send refused with 132015/132016. Shared, so every instance stops sending a paused one."""
+
+    name: str
+    language: str
+    status: str
+    """APPROVED, PAUSED, DISABLED, REJECTED, PENDING..."""
+    category: str = ""
+    """UTILITY, MARKETING, AUTHENTICATION."""
+    updated_at: float = 0.0
+    """When Meta said so (its webhook's time, or the sync's clock): a later word wins."""

@@ -16,6 +16,11 @@ entries due by then into `dr`, then takes `dr` lowest seq first, checking each h
 fields (a head that is not claimable after all goes back to `dw`), with the heads `do:<owner>`
 (the events leased to that owner) holds, so an owner may claim its own again. Nothing scans
 keys: a claim reads only what is due.
+
+Templates as Meta knows them (no expiry): `t:` one hash, its field a template's `[name, language]`
+as JSON, its value `{name, language, status, category, updated_at}` as JSON (`updated_at` kept as
+the string written, so no precision is lost to cjson). A script compares `updated_at` before it
+writes, so two instances writing at once keep the later word.
 """
 
 import json
@@ -25,7 +30,7 @@ from typing import Any, List, Optional, Sequence
 
 from connector.care_state.base import CareStateBackend
 from connector.care_state.records import (
-    STATUS_RANK, CustomerState, DeskEvent, Handoff, OutboundRecord, PendingTurn, dump_json,
+    STATUS_RANK, CustomerState, DeskEvent, Handoff, OutboundRecord, PendingTurn, TemplateState, dump_json,
 )
 
 TTL_SECONDS = 35 * 24 * 3600  # records and reservations outlive Meta's redelivery and any window
@@ -257,6 +262,21 @@ place(prefix, e[1])
 return 1
 """
 
+# ARGV: field, name, language, status, category, updated_at, then '1' to write the status, '1' the category
+_UPDATE_TEMPLATE = """
+local raw = redis.call('HGET', KEYS[1], ARGV[1])
+local t = {name = ARGV[2], language = ARGV[3], status = '', category = ''}
+if raw then
+  t = cjson.decode(raw)
+  if tonumber(t['updated_at']) > tonumber(ARGV[6]) then return 0 end
+end
+if ARGV[7] == '1' then t['status'] = ARGV[4] end
+if ARGV[8] == '1' then t['category'] = ARGV[5] end
+t['updated_at'] = ARGV[6]
+redis.call('HSET', KEYS[1], ARGV[1], cjson.encode(t))
+return 1
+"""
+
 
 class RedisBackend(CareStateBackend):
     def __init__(self, red: Any, prefix: str = "whatsapp:") -> None:
@@ -275,6 +295,7 @@ class RedisBackend(CareStateBackend):
         self._add_desk_event = red.register_script(_ADD_DESK_EVENT)
         self._claim_desk_events = red.register_script(_CLAIM_DESK_EVENTS)
         self._desk_event_done = red.register_script(_DESK_EVENT_DONE)
+        self._update_template = red.register_script(_UPDATE_TEMPLATE)
 
     def _key(self, kind: str, *parts: Any) -> str:
         return self.prefix + kind + ":" + ":".join(str(part) for part in parts)
@@ -446,6 +467,21 @@ class RedisBackend(CareStateBackend):
             pipe.hgetall(self._key("d", _text(event_id)))
         events = ({_text(k): _text(v) for k, v in raw.items()} for raw in (pipe.execute() if ids else []))
         return [_desk_event(fields) for fields in events if fields.get("event_id")]
+
+    # --- templates as Meta knows them ---------------------------------------------------------
+
+    def update_template(self, template: TemplateState, status: bool = True, category: bool = True) -> bool:
+        return bool(self._update_template(keys=[self._key("t", "")], args=[
+            dump_json([template.name, template.language]), template.name, template.language, template.status,
+            template.category, repr(float(template.updated_at)), "1" if status else "0", "1" if category else "0"]))
+
+    def templates(self) -> List[TemplateState]:
+        found = []
+        for raw in self.red.hgetall(self._key("t", "")).values():
+            data = json.loads(_text(raw))
+            found.append(TemplateState(name=data["name"], language=data["language"], status=data.get("status") or "",
+                                       category=data.get("category") or "", updated_at=float(data["updated_at"])))
+        return sorted(found, key=lambda t: (t.name, t.language))
 
 
 def _desk_event(fields: dict) -> DeskEvent:

@@ -13,6 +13,10 @@ limit): SQLite holds its write lock from the INSERT on, PostgreSQL first takes a
 advisory lock per customer, so the count is exact and a customer's rows commit in `seq` order
 (elsewhere, e.g. MySQL, two racing writers of one customer may pass the limit by one). A claim
 takes each customer's lowest `seq` row only, by an UPDATE conditional on its lease.
+
+A template as Meta knows it is a row of `whatsapp_templates` (name, language). Storing what Meta
+says is an INSERT, or where the row exists (ON CONFLICT, else the IntegrityError) an UPDATE
+conditional on `updated_at <= ` the word's own: two instances writing at once keep the later word.
 """
 
 import hashlib
@@ -28,7 +32,8 @@ from sqlalchemy.schema import CreateIndex, CreateTable
 
 from connector.care_state.base import CareStateBackend
 from connector.care_state.records import (
-    STATUS_RANK, CustomerState, DeskEvent, Handoff, OutboundRecord, PendingTurn, choices_from_json, dump_json,
+    STATUS_RANK, CustomerState, DeskEvent, Handoff, OutboundRecord, PendingTurn, TemplateState, choices_from_json,
+    dump_json,
 )
 
 logger = logging.getLogger(__name__)
@@ -113,6 +118,14 @@ desk_events = sa.Table(
     sa.Column("lease_until", sa.Float(precision=53)),
     sa.Index("ix_whatsapp_desk_events_sender", "sender_id", "seq"),
     sqlite_autoincrement=True,
+)
+templates = sa.Table(
+    "whatsapp_templates", metadata,
+    sa.Column("name", sa.String(512), primary_key=True),
+    sa.Column("language", sa.String(32), primary_key=True),
+    sa.Column("status", sa.String(32), nullable=False),
+    sa.Column("category", sa.String(32), nullable=False),
+    sa.Column("updated_at", sa.Float(precision=53), nullable=False),
 )
 
 # Rasa indexes `events` by sender_id alone: PostgreSQL then reads a customer's rows newest-first
@@ -456,6 +469,39 @@ class SqlBackend(CareStateBackend):
                  .order_by(desk_events.c.seq).limit(max(limit, 0)))
         with self.engine.connect() as connection:
             return [_desk_event(row) for row in connection.execute(query)]
+
+    # --- templates as Meta knows them ---------------------------------------------------------
+
+    def update_template(self, template: TemplateState, status: bool = True, category: bool = True) -> bool:
+        at = float(template.updated_at)
+        values: Dict[str, Any] = {"updated_at": at}
+        if status:
+            values["status"] = template.status
+        if category:
+            values["category"] = template.category
+        row = {"name": template.name, "language": template.language, "status": "", "category": "", **values}
+        not_later = templates.c.updated_at <= at
+        if self.on_conflict is not None:
+            statement = self.on_conflict(templates).values(**row).on_conflict_do_update(
+                index_elements=[templates.c.name, templates.c.language], set_=values, where=not_later)
+            with self.engine.begin() as connection:
+                return connection.execute(statement).rowcount == 1
+        try:
+            with self.engine.begin() as connection:
+                connection.execute(sa.insert(templates).values(**row))
+            return True
+        except IntegrityError:  # stored already (rows are never deleted): the later word wins
+            pass
+        with self.engine.begin() as connection:
+            return connection.execute(sa.update(templates).where(
+                templates.c.name == template.name, templates.c.language == template.language, not_later,
+            ).values(**values)).rowcount == 1
+
+    def templates(self) -> List[TemplateState]:
+        query = sa.select(templates).order_by(templates.c.name, templates.c.language)
+        with self.engine.connect() as connection:
+            return [TemplateState(name=row.name, language=row.language, status=row.status, category=row.category,
+                                  updated_at=row.updated_at) for row in connection.execute(query)]
 
 
 class _Full(Exception):
