@@ -435,6 +435,7 @@ async def test_free_form_in_window_gets_sent_delivered_read(sim, bot):
         "accepted": 1, "rejected": {}, "window_violations": 0, "webhooks_sent": 4, "webhook_failures": 0,
         "redeliveries": 0, "webhooks_refused": {}, "pending_redeliveries": 0,
         "inbound_messages": 1, "statuses_sent": 3, "marked_read": 0, "faults_served": 0,
+        "template_list_reads": 0, "template_list_faults": 0, "template_webhooks": 0,
     }
 
 
@@ -637,6 +638,7 @@ async def test_clock_and_reset(sim, bot):
         "accepted": 0, "rejected": {}, "window_violations": 0, "webhooks_sent": 0, "webhook_failures": 0,
         "redeliveries": 0, "webhooks_refused": {}, "pending_redeliveries": 0,
         "inbound_messages": 0, "statuses_sent": 0, "marked_read": 0, "faults_served": 0,
+        "template_list_reads": 0, "template_list_faults": 0, "template_webhooks": 0,
     }
     assert (await (await sim.get("/_sim/clock")).json())["offset"] == 0
     assert (await sim.get("/_sim/health")).status == 200
@@ -908,3 +910,265 @@ async def test_burst_against_a_dead_bot_without_redelivery_records_nothing(make_
     result = await (await dead.post("/_sim/burst", json={"count": 4, "customers": 2})).json()
     assert result["first_answers"] == {"unreachable": 4} and result["wamids"] == [None] * 4
     assert (await (await dead.get("/_sim/conversations")).json())["conversations"] == []
+
+
+# --- templates: the Business Management API list, template webhooks, pricing ---------------
+
+WABA = "102290129340398"  # Settings' default business_account_id
+
+
+def graph_get(sim: TestClient, path_or_url: str, token: Optional[str] = TOKEN, **kwargs: Any):
+    """GET a Graph path on the simulator, or a full `paging.next` URL as Meta hands it out."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    if path_or_url.startswith("http"):
+        return sim.session.get(path_or_url, headers=headers, **kwargs)
+    return sim.get(path_or_url, headers=headers, **kwargs)
+
+
+async def list_page(sim: TestClient, path_or_url: str = f"/v23.0/{WABA}/message_templates", **kwargs: Any):
+    async with graph_get(sim, path_or_url, **kwargs) as resp:
+        return resp.status, await resp.json()
+
+
+def templates_file(tmp_path, count: int):
+    path = tmp_path / "templates.json"
+    path.write_text(json.dumps([
+        {"name": f"tpl_{n:02d}", "language": "en_US", "category": "UTILITY", "status": "APPROVED",
+         "components": [{"type": "BODY", "text": f"Template {n} for order {{{{1}}}}."}]}
+        for n in range(count)
+    ]))
+    return path
+
+
+def template_changes(bot: Bot) -> List[Dict[str, Any]]:
+    """Every business-account change the bot got: `{"entry": ..., "field": ..., "value": ...}`."""
+    return [
+        {"entry": e, "field": c["field"], "value": c["value"], "post": p}
+        for p in bot.posts if isinstance(p["body"], dict)
+        for e in p["body"].get("entry", []) for c in e.get("changes", []) if c.get("field") != "messages"
+    ]
+
+
+async def change_template(sim: TestClient, name: str, language: str = "en_US", **change: Any) -> Dict[str, Any]:
+    resp = await sim.post(f"/_sim/templates/{name}/{language}", json=change)
+    assert resp.status == 200, await resp.text()
+    return await resp.json()
+
+
+async def registry_entry(sim: TestClient, name: str, language: str = "en_US") -> Dict[str, Any]:
+    templates = (await (await sim.get("/_sim/templates")).json())["templates"]
+    return next(t for t in templates if (t["name"], t["language"]) == (name, language))
+
+
+async def test_template_list_pages_with_cursors_and_full_next_urls(make_sim, tmp_path):
+    sim = await make_sim(templates_path=templates_file(tmp_path, 30))
+    pages, url = [], f"/v23.0/{WABA}/message_templates?limit=10"
+    while url:
+        status, body = await list_page(sim, url)
+        assert status == 200, body
+        pages.append(body)
+        url = body["paging"].get("next")
+    assert [len(p["data"]) for p in pages] == [10, 10, 10]
+    names = [t["name"] for p in pages for t in p["data"]]
+    assert names == [f"tpl_{n:02d}" for n in range(30)]
+    ids = [t["id"] for p in pages for t in p["data"]]
+    assert all(isinstance(i, str) and i.isdigit() for i in ids) and len(set(ids)) == 30
+    first, second, last = pages
+    assert first["paging"]["next"].startswith(f"http://127.0.0.1:{sim.port}/v23.0/{WABA}/message_templates?")
+    assert "limit=10" in first["paging"]["next"] and "previous" not in first["paging"]
+    assert "next" not in last["paging"] and "previous" in last["paging"]
+    assert set(second["paging"]["cursors"]) == {"before", "after"}
+    # the `before` cursor of page 2 gives page 1 back; ids are stable from one read to the next
+    status, back = await list_page(sim, second["paging"]["previous"])
+    assert [t["id"] for t in back["data"]] == [t["id"] for t in first["data"]]
+    # default limit 25, a larger one is capped at 100, bad ones are Graph error 100
+    status, body = await list_page(sim)
+    assert (len(body["data"]), "next" in body["paging"]) == (25, True)
+    status, body = await list_page(sim, f"/v23.0/{WABA}/message_templates?limit=500")
+    assert (len(body["data"]), "next" in body["paging"]) == (30, False)
+    for query in ("limit=0", "limit=ten", "after=bm90LWEtY3Vyc29y"):
+        status, body = await list_page(sim, f"/v23.0/{WABA}/message_templates?{query}")
+        assert (status, body["error"]["code"]) == (400, 100), query
+    assert (await stats(sim))["template_list_reads"] == 6
+
+
+async def test_template_list_fields_filters_and_meta_shapes(sim):
+    status, body = await list_page(sim)
+    assert status == 200
+    by_key = {(t["name"], t["language"]): t for t in body["data"]}
+    assert len(by_key) == 6 and "next" not in body["paging"]
+    assert all(set(t) == {"name", "language", "status", "category", "id", "components"} for t in body["data"])
+    assert by_key[("paused_promo", "en_US")]["status"] == "PAUSED"
+    assert by_key[("opt_in_reminder", "en_US")]["category"] == "MARKETING"
+    assert by_key[("opt_in_reminder", "en_US")]["components"][-1] == {
+        "type": "BUTTONS", "buttons": [{"type": "QUICK_REPLY", "text": "Unsubscribe"}]}
+    assert by_key[("hello_world", "en_US")]["components"][0] == {"type": "HEADER", "format": "TEXT", "text": "Hello World"}
+    # `fields`: just those, plus the id Graph always adds
+    status, body = await list_page(sim, f"/v23.0/{WABA}/message_templates?fields=name,status")
+    assert all(set(t) == {"name", "status", "id"} for t in body["data"])
+    status, body = await list_page(sim, f"/v23.0/{WABA}/message_templates?fields=quality_score&limit=1")
+    assert body["data"][0]["quality_score"] == {"score": "UNKNOWN"}
+    status, body = await list_page(sim, f"/v23.0/{WABA}/message_templates?fields=name,bogus")
+    assert (status, body["error"]["code"]) == (400, 100) and "bogus" in body["error"]["message"]
+    # Meta's filters
+    status, body = await list_page(sim, f"/v23.0/{WABA}/message_templates?status=PAUSED")
+    assert [t["name"] for t in body["data"]] == ["paused_promo"]
+    status, body = await list_page(sim, f"/v23.0/{WABA}/message_templates?language=es&name=order")
+    assert [(t["name"], t["language"]) for t in body["data"]] == [("order_update", "es")]
+    status, body = await list_page(sim, f"/v23.0/{WABA}/message_templates?category=AUTHENTICATION")
+    assert body == {"data": []}
+
+
+async def test_template_list_needs_the_token_and_the_right_business_account(sim):
+    for token in ("wrong-token", None):
+        status, body = await list_page(sim, token=token)
+        assert (status, body["error"]["code"], body["error"]["type"]) == (401, 190, "OAuthException")
+    status, body = await list_page(sim, f"/v23.0/{WABA}/message_templates?access_token={TOKEN}", token=None)
+    assert status == 200 and body["data"]
+    for waba in ("999999999", PNID):
+        status, body = await list_page(sim, f"/v23.0/{waba}/message_templates")
+        assert (status, body["error"]["code"], body["error"]["type"]) == (400, 100, "GraphMethodException")
+        assert f"Object with ID '{waba}' does not exist" in body["error"]["message"]
+    assert (await stats(sim))["rejected"] == {}  # template reads are not sends
+
+
+async def test_template_list_faults_simulate_a_graph_outage(sim):
+    resp = await sim.put("/_sim/faults/templates", json={"responses": [
+        {"status": 500}, {"status": 400, "code": 4}, {"delay": 0.5}, {"drop": True}]})
+    assert resp.status == 200
+    await sim.put("/_sim/faults", json={"responses": [{"status": 429}]})  # the send queue is another one
+    status, body = await list_page(sim)
+    assert (status, body["error"]["code"]) == (500, 2)
+    status, body = await list_page(sim)
+    assert (status, body["error"]["code"]) == (400, 4)
+    with pytest.raises(asyncio.TimeoutError):
+        await list_page(sim, timeout=aiohttp.ClientTimeout(total=0.2))
+    with pytest.raises(aiohttp.ClientError):  # the answer never comes: the connection is closed
+        await list_page(sim)
+    status, body = await list_page(sim)
+    assert status == 200 and body["data"]
+    assert (await (await sim.get("/_sim/faults/templates")).json()) == {"responses": []}
+    assert (await (await sim.get("/_sim/faults")).json()) == {"responses": [{"status": 429}]}
+    s = await stats(sim)
+    assert (s["template_list_faults"], s["faults_served"]) == (4, 0)
+    bad = await sim.put("/_sim/faults/templates", json={"responses": [{"async_code": 131026}]})
+    assert bad.status == 400
+    await sim.put("/_sim/faults/templates", json={"responses": [{"status": 503}]})
+    await sim.post("/_sim/reset")
+    assert (await list_page(sim))[0] == 200
+
+
+async def test_pausing_and_disabling_a_template_fails_sends_and_tells_the_bot(sim, bot):
+    await customer_says(sim)
+    order = template("order_update", components=body_params("10042"))
+    assert (await send(sim, order))[0] == 200
+    tid = (await registry_entry(sim, "order_update"))["id"]
+    clock = (await (await sim.get("/_sim/clock")).json())["now"]
+
+    result = await change_template(sim, "order_update", status="PAUSED")
+    assert [(w["field"], w["webhook_status"]) for w in result["webhooks"]] == [("message_template_status_update", 200)]
+    assert result["template"]["status"] == "PAUSED"
+    (paused,) = template_changes(bot)
+    assert paused["post"]["valid"]  # signed with the app secret, like every webhook
+    body = paused["post"]["body"]
+    assert body["object"] == "whatsapp_business_account"
+    assert paused["entry"]["id"] == WABA and abs(paused["entry"]["time"] - clock) <= 2
+    assert paused["value"] == {
+        "event": "PAUSED", "message_template_id": int(tid), "message_template_name": "order_update",
+        "message_template_language": "en_US", "reason": "NONE", "message_template_category": "UTILITY",
+        "other_info": {"title": "FIRST_PAUSE", "description": "Your WhatsApp message template has been paused because of low quality."},
+    }
+    status, answer = await send(sim, order)
+    assert (status, answer["error"]["code"]) == (400, 132015)
+    status, listed = await list_page(sim, f"/v23.0/{WABA}/message_templates?name=order_update&language=en_US")
+    assert [t["status"] for t in listed["data"]] == ["PAUSED"]
+
+    await change_template(sim, "order_update", status="DISABLED", reason="Too many blocks")
+    disabled = template_changes(bot)[-1]["value"]
+    assert (disabled["event"], disabled["reason"]) == ("DISABLED", "Too many blocks")
+    assert abs(disabled["disable_info"]["disable_date"] - clock) <= 2
+    status, answer = await send(sim, order)
+    assert (status, answer["error"]["code"]) == (400, 132016)
+
+    await change_template(sim, "order_update", status="APPROVED")
+    assert (await send(sim, order))[0] == 200
+    await change_template(sim, "order_update", status="PAUSED")
+    assert template_changes(bot)[-1]["value"]["other_info"]["title"] == "SECOND_PAUSE"
+    await change_template(sim, "order_update", status="APPROVED")
+    assert template_changes(bot)[-1]["value"]["other_info"]["title"] == "UNPAUSE"
+
+    await change_template(sim, "order_update", "es", status="REJECTED", reason="INVALID_FORMAT")
+    rejected = template_changes(bot)[-1]["value"]
+    assert (rejected["event"], rejected["reason"], rejected["message_template_language"]) == ("REJECTED", "INVALID_FORMAT", "es")
+    status, answer = await send(sim, template("order_update", "es", components=body_params("1")))
+    assert (status, answer["error"]["code"]) == (400, 132001)
+    assert (await registry_entry(sim, "order_update", "es"))["rejected_reason"] == "INVALID_FORMAT"
+    assert (await stats(sim))["template_webhooks"] == 6
+
+    # reset: the registry is as loaded again
+    await sim.post("/_sim/reset")
+    assert (await registry_entry(sim, "order_update"))["status"] == "APPROVED"
+    assert (await registry_entry(sim, "order_update", "es"))["status"] == "APPROVED"
+
+
+async def test_category_and_quality_changes_send_their_webhooks(make_sim, bot):
+    sim = await make_sim(redeliver_delays=FAST)
+    tid = (await registry_entry(sim, "order_update"))["id"]
+    result = await change_template(sim, "order_update", category="marketing")
+    assert [w["field"] for w in result["webhooks"]] == ["template_category_update"]
+    (moved,) = template_changes(bot)
+    assert moved["entry"]["id"] == WABA and moved["post"]["valid"]
+    assert moved["value"] == {
+        "message_template_id": int(tid), "message_template_name": "order_update", "message_template_language": "en_US",
+        "previous_category": "UTILITY", "new_category": "MARKETING",
+    }
+    status, listed = await list_page(sim, f"/v23.0/{WABA}/message_templates?name=order_update&language=en_US"
+                                          "&fields=category,previous_category")
+    assert listed["data"] == [{"category": "MARKETING", "previous_category": "UTILITY", "id": tid}]
+    # now billed as marketing, even inside the window
+    await customer_says(sim)
+    assert (await send(sim, template("order_update", components=body_params("1"))))[0] == 200
+    await bot.wait_for(lambda: len(bot.statuses()) == 3)
+    assert bot.statuses()[0]["pricing"] == {"billable": True, "pricing_model": "PMP", "category": "marketing", "type": "regular"}
+
+    bot.answers.append(503)  # refused: redelivered like any webhook
+    result = await change_template(sim, "order_update", quality="RED")
+    assert (result["webhooks"][0]["webhook_status"], result["webhooks"][0]["redelivery"]) == (503, "queued")
+    await settled(sim)
+    quality = [c for c in template_changes(bot) if c["field"] == "message_template_quality_update"]
+    assert len(quality) == 2 and quality[0]["post"]["raw"] == quality[1]["post"]["raw"]
+    assert quality[0]["value"] == {
+        "previous_quality_score": "UNKNOWN", "new_quality_score": "RED", "message_template_id": int(tid),
+        "message_template_name": "order_update", "message_template_language": "en_US",
+    }
+    assert (await registry_entry(sim, "order_update"))["quality"] == "RED"
+    # a change to what it already is sends nothing; bad requests change nothing
+    assert (await change_template(sim, "order_update", quality="RED", category="MARKETING"))["webhooks"] == []
+    assert (await sim.post("/_sim/templates/nope/en_US", json={"status": "PAUSED"})).status == 404
+    for bad in ({}, {"status": "SLEEPING"}, {"category": 7}, {"quality": "PURPLE"}, {"status": "PAUSED", "reason": 1}):
+        assert (await sim.post("/_sim/templates/order_update/en_US", json=bad)).status == 400, bad
+    assert (await registry_entry(sim, "order_update"))["status"] == "APPROVED"
+
+
+async def test_status_pricing_per_message_like_meta(sim, bot):
+    def pricing(n: int) -> List[Dict[str, Any]]:
+        return [s["pricing"] for s in bot.statuses()[n:]]
+
+    # outside the window a utility template is billed; so is marketing always
+    assert (await send(sim, template("order_update", components=body_params("1"))))[0] == 200
+    await bot.wait_for(lambda: len(bot.statuses()) == 3)
+    billed_utility = {"billable": True, "pricing_model": "PMP", "category": "utility", "type": "regular"}
+    assert [s["status"] for s in bot.statuses()] == ["sent", "delivered", "read"]
+    assert pricing(0) == [billed_utility] * 3
+    # inside the window (since July 2025): utility templates and free-form replies are free
+    await customer_says(sim)
+    assert (await send(sim, template("order_update", components=body_params("1"))))[0] == 200
+    await bot.wait_for(lambda: len(bot.statuses()) == 6)
+    assert pricing(3) == [{"billable": False, "pricing_model": "PMP", "category": "utility", "type": "free_customer_service"}] * 3
+    assert (await send(sim, template("opt_in_reminder")))[0] == 200
+    await bot.wait_for(lambda: len(bot.statuses()) == 9)
+    assert pricing(6) == [{"billable": True, "pricing_model": "PMP", "category": "marketing", "type": "regular"}] * 3
+    assert (await send(sim, text("Your order shipped."), version="v24.0"))[0] == 200
+    await bot.wait_for(lambda: len(bot.statuses()) == 12)
+    assert pricing(9) == [{"billable": False, "pricing_model": "PMP", "category": "service", "type": "free_customer_service"}] * 3
+    assert "conversation" in bot.statuses()[0] and all("conversation" not in s for s in bot.statuses()[9:])

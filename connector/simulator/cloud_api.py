@@ -1,19 +1,22 @@
 """The Graph endpoints the connector calls, at the same paths as graph.facebook.com.
 
 `POST /{version}/{phone_number_id}/messages` (send, mark read), `POST /{version}/{phone_number_id}/media`
-(upload), `GET /{version}/{media_id}` (media URL) and the URL's download.
+(upload), `GET /{version}/{media_id}` (media URL) and the URL's download, and from the Business
+Management API `GET /{version}/{waba_id}/message_templates` (the template list, cursor-paged).
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Dict, List, Tuple
+from urllib.parse import urlencode
 
 from aiohttp import web
 
 from .core import SIM
 from .errors import GraphError
 from .payloads import fake_sha256
+from .templates import Page, encode_cursor
 
 VERSION = r"{version:v\d+(?:\.\d+)?}"
 
@@ -94,8 +97,37 @@ async def media_download(request: web.Request) -> web.Response:
     return web.Response(body=data, content_type=mime.split(";")[0])
 
 
+async def message_templates(request: web.Request) -> web.Response:
+    """Meta's answer: `{"data": [...], "paging": {"cursors": {"before", "after"}, "previous"?, "next"?}}`,
+    `next`/`previous` being full URLs (same query, other cursor), present only when there is more."""
+    sim = request.app[SIM]
+    try:
+        sim.check_auth(request.headers.get("Authorization"), request.query.get("access_token"))
+        sim.check_business_account(request.match_info["waba_id"])
+        data, found, limit = await sim.list_templates(request.query)
+    except GraphError as error:
+        return graph_error(error)
+    body: Dict[str, Any] = {"data": data}
+    if found.items:
+        body["paging"] = paging(request, found, limit)
+    return web.json_response(body)
+
+
+def paging(request: web.Request, found: Page, limit: int) -> Dict[str, Any]:
+    first, last = encode_cursor(found.items[0]), encode_cursor(found.items[-1])
+    out: Dict[str, Any] = {"cursors": {"before": first, "after": last}}
+    base = f"{request.scheme}://{request.host}{request.path}"  # as the client addressed the simulator
+    keep: List[Tuple[str, str]] = [(k, v) for k, v in request.query.items() if k not in ("after", "before", "limit")]
+    if found.has_before:
+        out["previous"] = f"{base}?{urlencode(keep + [('limit', str(limit)), ('before', first)])}"
+    if found.has_after:
+        out["next"] = f"{base}?{urlencode(keep + [('limit', str(limit)), ('after', last)])}"
+    return out
+
+
 def add_routes(app: web.Application) -> None:
     app.router.add_post(f"/{VERSION}/{{phone_number_id}}/messages", send_message)
     app.router.add_post(f"/{VERSION}/{{phone_number_id}}/media", upload_media)
+    app.router.add_get(f"/{VERSION}/{{waba_id}}/message_templates", message_templates)
     app.router.add_get(f"/{VERSION}/{{media_id:\\d+}}", media_url)
     app.router.add_get("/_sim/media/{media_id}/download", media_download, name="sim_media_download")

@@ -12,11 +12,12 @@ from typing import Any, Dict, List, Tuple
 import aiohttp
 from aiohttp import web
 
-from .core import SIM
+from .core import SIM, template_summary
 from .delivery import MAX_CONNECTIONS, SIGNATURE_MODES, BotUnreachable
 from .payloads import SpecError
 from .state import Conversation
 from .settings import KNOWN_STATUSES, WINDOW_MODES, SettingsError, check_delays, parse_delays, parse_statuses
+from .templates import CATEGORIES, QUALITIES, STATUSES
 
 MAX_WAIT = 120.0
 MAX_BURST = 100_000
@@ -265,6 +266,35 @@ async def delete_faults(request: web.Request) -> web.Response:
     return web.json_response({"responses": []})
 
 
+TEMPLATE_FAULTS_HELP = (
+    'expected {"responses": [{"status": 500}, {"status": 400, "code": 100}, {"delay": 5}, {"hold": 5}, '
+    '{"drop": true}]}: faults for the next template-list reads (GET /{version}/{waba_id}/message_templates); '
+    "async_code has no meaning there"
+)
+
+
+async def get_template_faults(request: web.Request) -> web.Response:
+    return web.json_response({"responses": list(request.app[SIM].state.template_faults)})
+
+
+async def put_template_faults(request: web.Request) -> web.Response:
+    """Replace the queue of canned answers for the next template-list reads (a queue of its own,
+    so a bot syncing its templates never eats the faults meant for sends, nor the other way)."""
+    state = request.app[SIM].state
+    body = await read_json(request)
+    responses = body.get("responses") if isinstance(body, dict) else None
+    if not isinstance(responses, list) or not all(valid_fault(r) and "async_code" not in r for r in responses):
+        return problem(400, TEMPLATE_FAULTS_HELP)
+    state.template_faults.clear()
+    state.template_faults.extend(responses)
+    return web.json_response({"responses": list(state.template_faults)})
+
+
+async def delete_template_faults(request: web.Request) -> web.Response:
+    request.app[SIM].state.template_faults.clear()
+    return web.json_response({"responses": []})
+
+
 async def get_config(request: web.Request) -> web.Response:
     sim = request.app[SIM]
     return web.json_response({
@@ -306,17 +336,44 @@ async def set_config(request: web.Request) -> web.Response:
 
 
 async def list_templates(request: web.Request) -> web.Response:
-    return web.json_response({
-        "templates": [
-            {
-                "name": t.name, "language": t.language, "category": t.category, "status": t.status,
-                "header_params": t.header_params, "body_params": t.body_params,
-                "buttons": [{"type": b.type, "text": b.text} for b in t.buttons],
-                "body": t.body_text,
-            }
-            for t in request.app[SIM].registry.all()
-        ]
-    })
+    return web.json_response({"templates": [template_summary(t) for t in request.app[SIM].registry.all()]})
+
+
+TEMPLATE_CHANGE_HELP = (
+    f'expected {{"status"?: one of {", ".join(STATUSES)}, "category"?: one of {", ".join(CATEGORIES)}, '
+    f'"quality"?: one of {", ".join(QUALITIES)}, "reason"?: string}} with at least one of status, category, quality'
+)
+
+
+def _choice(body: Dict[str, Any], key: str, allowed: Tuple[str, ...]) -> Any:
+    """`body[key]` upper-cased when it is one of `allowed`, None when absent, False when invalid."""
+    value = body.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str) or value.upper() not in allowed:
+        return False
+    return value.upper()
+
+
+async def change_template(request: web.Request) -> web.Response:
+    """Meta changes a template: the registry follows (sends then fail with 132015/132016/132001)
+    and the bot gets the business-account webhook of each change, signed, inline."""
+    sim = request.app[SIM]
+    body = await read_json(request)
+    status = _choice(body, "status", STATUSES)
+    category = _choice(body, "category", CATEGORIES)
+    quality = _choice(body, "quality", QUALITIES)
+    reason = body.get("reason")
+    if False in (status, category, quality) or (status, category, quality) == (None, None, None):
+        return problem(400, TEMPLATE_CHANGE_HELP)
+    if reason is not None and not isinstance(reason, str):
+        return problem(400, TEMPLATE_CHANGE_HELP)
+    name, language = request.match_info["name"], request.match_info["language"]
+    try:
+        result = await sim.change_template(name, language, status=status, category=category, quality=quality, reason=reason)
+    except KeyError:
+        return problem(404, f"no template {name} in {language}")
+    return web.json_response(result)
 
 
 def add_routes(app: web.Application) -> None:
@@ -339,4 +396,8 @@ def add_routes(app: web.Application) -> None:
     r.add_delete("/_sim/faults", delete_faults)
     r.add_get("/_sim/config", get_config)
     r.add_post("/_sim/config", set_config)
+    r.add_get("/_sim/faults/templates", get_template_faults)
+    r.add_put("/_sim/faults/templates", put_template_faults)
+    r.add_delete("/_sim/faults/templates", delete_template_faults)
     r.add_get("/_sim/templates", list_templates)
+    r.add_post("/_sim/templates/{name}/{language}", change_template)

@@ -11,7 +11,7 @@ import hashlib
 import logging
 import re
 from collections import Counter
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from aiohttp import web
 
@@ -21,13 +21,15 @@ from .errors import GraphError, webhook_error
 from .render import describe
 from .settings import Settings
 from .state import WINDOW_SECONDS, Conversation, Record, SimState
-from .templates import Template, TemplateRegistry
+from .templates import DEFAULT_GRAPH_FIELDS, GRAPH_FIELDS, Page, PagingError, Template, TemplateRegistry, page
 from .validate import is_mark_read, recipient_of, validate_send
 
 log = logging.getLogger("connector.simulator")
 
 BSUID = re.compile(r"^[A-Z]{2}\.")
 PLACEHOLDER_MEDIA = b"simulated media content\n"
+TEMPLATE_PAGE_DEFAULT = 25
+TEMPLATE_PAGE_MAX = 100  # a larger `limit` is capped, as Graph caps page sizes
 
 
 def api_version(version: str) -> float:
@@ -39,7 +41,8 @@ def api_version(version: str) -> float:
 
 class DropConnection(web.HTTPException):
     """A `{"hold": s, "drop": true}` fault: the send was accepted (recorded, counted, statuses
-    queued) and its answer is now lost on the way: the connection closes without any HTTP answer.
+    queued), or the template list read, and its answer is now lost on the way: the connection
+    closes without any HTTP answer.
 
     An `HTTPException`, so it passes the route's `GraphError` handling and aiohttp "answers" it:
     `prepare` closes the transport and raises `ConnectionResetError`, which aiohttp (3.9) treats
@@ -48,14 +51,14 @@ class DropConnection(web.HTTPException):
 
     status_code = 200
 
-    def __init__(self, wamid: str):
+    def __init__(self, what: str):
         super().__init__(reason="Dropped")
-        self.wamid = wamid
+        self.what = what  # e.g. "wamid.X was accepted"
 
     async def prepare(self, request: web.BaseRequest) -> None:
         if request.transport is not None:
             request.transport.close()
-        raise ConnectionResetError(f"simulated lost answer: {self.wamid} was accepted, the connection is dropped")
+        raise ConnectionResetError(f"simulated lost answer: {self.what}, the connection is dropped")
 
 
 def normalise_recipient(value: str) -> str:
@@ -93,6 +96,7 @@ class Simulator:
     async def reset(self) -> None:
         await self.delivery.forget_pending()
         self.state.reset()
+        self.registry.reset()
 
     # --- Cloud API: auth -------------------------------------------------------------------
 
@@ -112,6 +116,15 @@ class Simulator:
                 "due to missing permissions, or does not support this operation.",
                 error_type="GraphMethodException",
             )
+
+    def check_business_account(self, waba_id: str) -> None:
+        if waba_id != self.settings.business_account_id:
+            text = (
+                f"Unsupported get request. Object with ID '{waba_id}' does not exist, cannot be loaded due to "
+                "missing permissions, or does not support this operation. Please read the Graph API documentation "
+                "at https://developers.facebook.com/docs/graph-api"
+            )
+            raise GraphError(100, text, error_type="GraphMethodException", message=text)
 
     def reject(self, error: GraphError, body: Any = None) -> GraphError:
         """Count a rejection (and log it on the addressed conversation) before it is answered."""
@@ -177,7 +190,7 @@ class Simulator:
             # request), so a client that gives up, or aiohttp cancelling this handler, loses nothing.
             await self._hold(float(fault.get("hold") or 0))
             if fault.get("drop"):
-                raise DropConnection(wamid)
+                raise DropConnection(f"{wamid} was accepted")
         return result
 
     async def _hold(self, seconds: float) -> None:
@@ -246,6 +259,86 @@ class Simulator:
             return
         for status in self.state.statuses:
             self.delivery.enqueue_status(build(status))
+
+    # --- Business Management API: templates -------------------------------------------------
+
+    async def list_templates(self, query: Mapping[str, str]) -> Tuple[List[Dict[str, Any]], Page, int]:
+        """`GET /{version}/{waba_id}/message_templates` after auth: (data, page, limit); raises `GraphError`.
+
+        A fault of the template-list queue applies as for sends: `delay` first, `status`/`code`
+        answers that error, `hold` waits before the answer and `drop` then closes the connection.
+        """
+        fault = self.state.template_faults.popleft() if self.state.template_faults else None
+        if fault is not None:
+            self.state.stats.template_list_faults += 1
+            if fault.get("delay"):
+                await asyncio.sleep(float(fault["delay"]))
+            error = fault_error(fault)
+            if error is not None:
+                raise error
+        fields = graph_fields(query.get("fields"))
+        limit = page_limit(query.get("limit"))
+        templates = [t for t in self.registry.all() if matches_filters(t, query)]
+        try:
+            found = page(templates, limit, after=query.get("after"), before=query.get("before"))
+        except PagingError as exc:
+            raise GraphError(100, str(exc)) from None
+        data = [t.to_graph(fields) for t in found.items]
+        self.state.stats.template_list_reads += 1
+        if fault is not None and (fault.get("hold") or fault.get("drop")):
+            await self._hold(float(fault.get("hold") or 0))
+            if fault.get("drop"):
+                raise DropConnection("the template list was read")
+        return data, found, limit
+
+    async def change_template(
+        self, name: str, language: str, *, status: Optional[str] = None, category: Optional[str] = None,
+        quality: Optional[str] = None, reason: Optional[str] = None,
+    ) -> Dict[str, Any]:
+        """Change a template as Meta would (review, pause, disable, re-categorise, quality) and
+        post the business-account webhook for each real change, in that order. KeyError: unknown."""
+        before = self.registry.get(name, language)
+        if before is None:
+            raise KeyError((name, language))
+        now = self.state.now()
+        pending: List[Tuple[str, Dict[str, Any]]] = []
+        if status is not None and status != before.status:
+            _, after = self.registry.update(
+                name, language, status=status, pauses=before.pauses + (1 if status == "PAUSED" else 0),
+                rejected_reason=(reason or "NONE") if status == "REJECTED" else "NONE",
+            )
+            pending.append((payloads.TEMPLATE_STATUS_FIELD, payloads.template_status_value(
+                template_id=after.id, name=name, language=language, event=status, reason=reason,
+                category=after.category, pauses=after.pauses, unpaused=before.status == "PAUSED", now=now,
+            )))
+        if category is not None and category != before.category:
+            self.registry.update(name, language, category=category, previous_category=before.category)
+            pending.append((payloads.TEMPLATE_CATEGORY_FIELD, payloads.template_category_value(
+                template_id=before.id, name=name, language=language, previous=before.category, new=category,
+            )))
+        if quality is not None and quality != before.quality:
+            self.registry.update(name, language, quality=quality)
+            pending.append((payloads.TEMPLATE_QUALITY_FIELD, payloads.template_quality_value(
+                template_id=before.id, name=name, language=language, previous=before.quality, new=quality,
+            )))
+        webhooks = [await self._post_business_webhook(field, value, now) for field, value in pending]
+        return {"template": template_summary(self.registry.get(name, language)), "webhooks": webhooks}
+
+    async def _post_business_webhook(self, field: str, value: Dict[str, Any], now: int) -> Dict[str, Any]:
+        """One signed WABA-level webhook, inline (the caller gets the bot's answer), redelivered
+        like the others when the bot does not take it."""
+        body = payloads.envelope([payloads.entry(self.settings.business_account_id, [payloads.change(value, field)], time=now)])
+        raw = encode(body)
+        generation = self.delivery.generation
+        try:
+            status: Optional[int] = (await self.delivery.post(raw))[0]
+        except BotUnreachable:
+            status = None
+        self.state.stats.template_webhooks += 1
+        result: Dict[str, Any] = {"field": field, "webhook_status": status, "body": body}
+        if not taken(status) and self.delivery.redeliver(raw, generation):
+            result["redelivery"] = "queued"
+        return result
 
     # --- playing customers -----------------------------------------------------------------
 
@@ -407,6 +500,52 @@ class Simulator:
 
 
 SIM = web.AppKey("simulator", Simulator)
+
+
+def graph_fields(text: Optional[str]) -> Tuple[str, ...]:
+    """`fields=name,status` → the fields to answer (`id` always comes along); unknown ones are
+    Graph error 100, as Meta answers a field the node type does not have."""
+    if text is None or not text.strip():
+        return DEFAULT_GRAPH_FIELDS
+    fields = tuple(f.strip() for f in text.split(",") if f.strip())
+    for name in fields:
+        if name not in GRAPH_FIELDS:
+            raise GraphError(100, f"Tried accessing nonexisting field ({name}) on node type (WhatsAppBusinessHSM)",
+                             message=f"(#100) Tried accessing nonexisting field ({name}) on node type (WhatsAppBusinessHSM)")
+    return fields
+
+
+def page_limit(text: Optional[str]) -> int:
+    if text is None or text == "":
+        return TEMPLATE_PAGE_DEFAULT
+    try:
+        limit = int(text)
+    except ValueError:
+        limit = 0
+    if limit < 1:
+        raise GraphError(100, f"The parameter limit must be a positive integer, got {text!r}.")
+    return min(limit, TEMPLATE_PAGE_MAX)
+
+
+def matches_filters(template: Template, query: Mapping[str, str]) -> bool:
+    """Meta's list filters: `status`, `category`, `language` (comma lists) and `name` (part of it)."""
+    for key, value in (("status", template.status), ("category", template.category), ("language", template.language)):
+        wanted = query.get(key)
+        if wanted and value.upper() not in {w.strip().upper() for w in wanted.split(",")}:
+            return False
+    name = query.get("name")
+    return not name or name.lower() in template.name.lower()
+
+
+def template_summary(t: Template) -> Dict[str, Any]:
+    """A registry entry as `/_sim/templates` shows it."""
+    return {
+        "id": t.id, "name": t.name, "language": t.language, "category": t.category, "status": t.status,
+        "quality": t.quality, "previous_category": t.previous_category, "rejected_reason": t.rejected_reason,
+        "header_params": t.header_params, "body_params": t.body_params,
+        "buttons": [{"type": b.type, "text": b.text} for b in t.buttons],
+        "body": t.body_text,
+    }
 
 
 def fault_error(fault: Dict[str, Any]) -> Optional[GraphError]:

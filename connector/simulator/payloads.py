@@ -183,12 +183,17 @@ def statuses_value(meta: Dict[str, str], statuses: List[Dict[str, Any]]) -> Dict
     return {"messaging_product": "whatsapp", "metadata": meta, "statuses": statuses}
 
 
-def change(value: Dict[str, Any]) -> Dict[str, Any]:
-    return {"value": value, "field": "messages"}
+def change(value: Dict[str, Any], field: str = "messages") -> Dict[str, Any]:
+    return {"value": value, "field": field}
 
 
-def entry(business_account_id: str, changes: List[Dict[str, Any]]) -> Dict[str, Any]:
-    return {"id": business_account_id, "changes": changes}
+def entry(business_account_id: str, changes: List[Dict[str, Any]], time: Optional[int] = None) -> Dict[str, Any]:
+    """One `entry[]` item; business-account webhooks (templates) carry the trigger `time` too."""
+    item: Dict[str, Any] = {"id": business_account_id}
+    if time is not None:
+        item["time"] = int(time)
+    item["changes"] = changes
+    return item
 
 
 def envelope(entries: List[Dict[str, Any]]) -> Dict[str, Any]:
@@ -231,3 +236,47 @@ def status_object(
         "type": "free_customer_service" if free else "regular",
     }
     return item
+
+
+# --- business-account webhooks: templates --------------------------------------------------
+
+TEMPLATE_STATUS_FIELD = "message_template_status_update"
+TEMPLATE_CATEGORY_FIELD = "template_category_update"
+TEMPLATE_QUALITY_FIELD = "message_template_quality_update"
+PAUSE_TITLES = {1: "FIRST_PAUSE", 2: "SECOND_PAUSE"}
+
+
+def _template_ref(template_id: str, name: str, language: str) -> Dict[str, Any]:
+    # an integer in these webhooks (Meta's reference), while the Graph list answers a string
+    return {"message_template_id": int(template_id), "message_template_name": name, "message_template_language": language}
+
+
+def template_status_value(
+    *, template_id: str, name: str, language: str, event: str, reason: Optional[str], category: str,
+    pauses: int = 0, unpaused: bool = False, now: int = 0,
+) -> Dict[str, Any]:
+    """`value` of a `message_template_status_update` change. Pauses and unpauses carry
+    `other_info{title, description}`, disabling `disable_info{disable_date}`, as Meta sends them."""
+    value: Dict[str, Any] = {"event": event, **_template_ref(template_id, name, language)}
+    value["reason"] = reason if reason is not None else "NONE"
+    value["message_template_category"] = category
+    if event == "PAUSED":
+        value["other_info"] = {
+            "title": PAUSE_TITLES.get(pauses, "RATE_LIMITING_PAUSE"),
+            "description": "Your WhatsApp message template has been paused because of low quality.",
+        }
+    elif event == "DISABLED":
+        value["disable_info"] = {"disable_date": int(now)}
+    elif unpaused:
+        value["other_info"] = {"title": "UNPAUSE", "description": "Your WhatsApp message template has been unpaused."}
+    return value
+
+
+def template_category_value(*, template_id: str, name: str, language: str, previous: str, new: str) -> Dict[str, Any]:
+    """`value` of a completed `template_category_update` change."""
+    return {**_template_ref(template_id, name, language), "previous_category": previous, "new_category": new}
+
+
+def template_quality_value(*, template_id: str, name: str, language: str, previous: str, new: str) -> Dict[str, Any]:
+    """`value` of a `message_template_quality_update` change."""
+    return {"previous_quality_score": previous, "new_quality_score": new, **_template_ref(template_id, name, language)}

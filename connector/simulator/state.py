@@ -132,6 +132,9 @@ class Stats:
     statuses_sent: int = 0
     marked_read: int = 0
     faults_served: int = 0
+    template_list_reads: int = 0  # `GET /{waba_id}/message_templates` pages answered 200
+    template_list_faults: int = 0  # faults of the template-list queue served
+    template_webhooks: int = 0  # business-account template webhooks (status, category, quality) produced
 
     def to_json(self) -> Dict[str, Any]:
         return {
@@ -146,6 +149,9 @@ class Stats:
             "statuses_sent": self.statuses_sent,
             "marked_read": self.marked_read,
             "faults_served": self.faults_served,
+            "template_list_reads": self.template_list_reads,
+            "template_list_faults": self.template_list_faults,
+            "template_webhooks": self.template_webhooks,
         }
 
 
@@ -159,6 +165,7 @@ class SimState:
         self.by_wamid: Dict[str, Tuple[Conversation, Record]] = {}
         self.stats = Stats()
         self.faults: Deque[Dict[str, Any]] = deque()
+        self.template_faults: Deque[Dict[str, Any]] = deque()  # for the template list only
         self.media: Dict[str, Tuple[bytes, str]] = {}
         self.window_errors = settings.window_errors
         self.statuses: Tuple[str, ...] = settings.statuses
@@ -172,6 +179,7 @@ class SimState:
         self.by_wamid.clear()
         self.stats = Stats()
         self.faults.clear()
+        self.template_faults.clear()
         self.media.clear()
         self.window_errors = self.settings.window_errors
         self.statuses = self.settings.statuses
