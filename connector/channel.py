@@ -43,6 +43,7 @@ from connector.payloads import (
 )
 from connector.render import looks_like_a_choice
 from connector.signature import is_valid, same_secret
+from connector.template_status import MetaTemplates
 from connector.tracker_reads import TrackerReader
 
 logger = logging.getLogger(__name__)
@@ -107,7 +108,9 @@ class WhatsAppInput(InputChannel):
         self.state: Optional[CareState] = None
         """Made at startup from Rasa's tracker store (see `open_state`)."""
         self.opt_outs = OptOuts(config.opt_in_slot, self._stores, self._lock)
-        self.outbound = OutboundPath(config, self.client, self.clock.now, self._stores, self.opt_outs.counts_as_opted_out)
+        self.meta_templates = MetaTemplates(config, self.client, lambda: self._stores().state, self.clock.now)
+        self.outbound = OutboundPath(config, self.client, self.clock.now, self._stores, self.opt_outs.counts_as_opted_out,
+                                     meta_templates=self.meta_templates)
         self.intake = Intake(lambda: self._stores().state, self.turns, self._run_turn, self._already_saved,
                              max_in_flight=config.max_in_flight, attempts=config.turn_attempts)
         self.desk = Desk(config.handoff_webhook_url, config.agent_token, lambda: self._stores().state, self.clock.now,
@@ -155,6 +158,7 @@ class WhatsAppInput(InputChannel):
         state = CareState(backend_for(agent.tracker_store))
         await state.create_schema()
         self.state = state
+        await self.meta_templates.start()  # a mapping that cannot work stops the server here
         owner = f"{socket.gethostname()}:{app.state.port}"
         install_handoffs(self.handoffs)
         await self.intake.start(owner)
@@ -247,6 +251,7 @@ class WhatsAppInput(InputChannel):
             await self.intake.stop(self.config.shutdown_deadline_seconds)
             await self.handoffs.stop()
             await self.desk.stop()
+            await self.meta_templates.stop()
             if self._tasks:  # read receipts still on the wire
                 await asyncio.wait(self._tasks, timeout=2)
             self.opt_outs.close()
@@ -317,6 +322,7 @@ class WhatsAppInput(InputChannel):
             logger.warning("Meta reports error code=%s %s: %s", error.code, error.title, error.details)
         for notice in webhook.notices:
             logger.info("Meta notice %s: %s", notice.field, notice.event)
+            self._background(self._on_notice(notice))
         items = [item for item in webhook.in_order if self._serves(item.phone_number_id)]
         turns = [turn for turn in map(self._turn_for, items) if turn is not None]
         try:
@@ -339,6 +345,12 @@ class WhatsAppInput(InputChannel):
             elif isinstance(item, UserPreference):
                 self._handle_preference(item)
         return response.text("EVENT_RECEIVED")
+
+    async def _on_notice(self, notice: Any) -> None:
+        try:
+            await self.meta_templates.on_notice(notice)
+        except Exception as error:  # the next sync brings the state up to date
+            logger.error("Template webhook %s not recorded: %s: %s", notice.field, type(error).__name__, error)
 
     def _serves(self, phone_number_id: str) -> bool:
         """An app is often subscribed for several numbers, served by other bots: theirs are not ours."""

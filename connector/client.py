@@ -25,7 +25,7 @@ import random as _random
 import re
 import time
 from collections import deque
-from typing import Any, Awaitable, Callable, Deque, Dict, Mapping, Optional, Tuple
+from typing import Any, Awaitable, Callable, Deque, Dict, List, Mapping, Optional, Tuple
 
 import aiohttp
 
@@ -121,6 +121,20 @@ class CloudApiClient:
         data, content_type = await self._request("GET", url, raw=True)
         mime = info.get("mime_type") or content_type or "application/octet-stream"
         return data, str(mime)
+
+    async def message_templates(self, waba_id: str, max_pages: int = 100) -> List[Dict[str, Any]]:
+        """Every template of the business account (each language one entry), page by page. The
+        token needs `whatsapp_business_management` for this read."""
+        url: Optional[str] = (f"{self._config.api_url}/{self._config.api_version}/{waba_id}/message_templates"
+                              "?fields=name,language,status,category,components&limit=100")
+        templates: List[Dict[str, Any]] = []
+        for _ in range(max_pages):
+            page = await self._request("GET", url)
+            templates += [t for t in (page.get("data") or []) if isinstance(t, dict)] if isinstance(page, Mapping) else []
+            url = ((page.get("paging") or {}).get("next") if isinstance(page, Mapping) else None) or None
+            if url is None:
+                break
+        return templates
 
     def messages_url(self, phone_number_id: Optional[str] = None) -> str:
         number = phone_number_id or self._config.phone_number_id

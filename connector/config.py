@@ -49,6 +49,7 @@ _OPTIONAL = (
     "window_closing_lead_minutes",
     "desk_backlog_limit",
     "resume_intent",
+    "whatsapp_business_account_id",
 )
 _INBOUND_INTENTS = ("media", "location", "contacts", "order", "flow", "reaction", "call")
 _PACING = {  # key: (default, low, high, whole number)
@@ -113,6 +114,8 @@ class ChannelConfig:
     """Undelivered desk events kept per customer while the desk is down; past it new ones are dropped (logged)."""
     resume_intent: Optional[str] = None
     """Triggered after an agent hands a conversation back, so the bot can say it is back."""
+    whatsapp_business_account_id: str = ""
+    """With it, the `templates` mapping is checked at startup against the templates Meta holds."""
 
     @property
     def phone_number_id(self) -> str:
@@ -173,6 +176,9 @@ class ChannelConfig:
         resume_intent = _optional_text(credentials, "resume_intent") or None
         if resume_intent and not re.fullmatch(r"[^\s{}@/]+", resume_intent):
             raise ConfigError("resume_intent", f"must be an intent name of the domain (no slash), got {resume_intent!r}")
+        waba_id = _optional_text(credentials, "whatsapp_business_account_id")
+        if waba_id and not waba_id.isdigit():
+            raise ConfigError("whatsapp_business_account_id", f"must be the numeric id Meta shows, got {waba_id!r}")
         pacing = credentials.get("pacing") or {}
         if not isinstance(pacing, Mapping) or set(pacing) - set(_PACING):
             unknown = sorted(set(pacing) - set(_PACING)) if isinstance(pacing, Mapping) else []
@@ -209,6 +215,7 @@ class ChannelConfig:
             window_closing_lead_seconds=60 * _number(credentials, "window_closing_lead_minutes", 60, 0, 1439, allow_zero=True),
             desk_backlog_limit=int(_number(credentials, "desk_backlog_limit", 1000, 1, 1_000_000, whole=True)),
             resume_intent=resume_intent,
+            whatsapp_business_account_id=waba_id,
         )
 
 

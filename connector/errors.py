@@ -71,6 +71,16 @@ class TemplateError(GraphError):
     """132xxx: the template or its parameters do not match what Meta approved."""
 
 
+class TemplateUnavailable(TemplateError):
+    """132015 (paused for low quality), 132016 (disabled): Meta stopped the template itself."""
+
+    status = "PAUSED"
+
+
+class TemplateDisabled(TemplateUnavailable):
+    status = "DISABLED"
+
+
 class OutcomeUnknown(GraphError):
     """The request went out and no answer came back (timeout, dropped connection): Meta may have
     taken the message. Never retried blindly; a status webhook carrying its callback id tells."""
@@ -115,8 +125,8 @@ _BY_CODE: Dict[int, Type[GraphError]] = {
     132005: TemplateError,
     132007: TemplateError,
     132012: TemplateError,
-    132015: TemplateError,
-    132016: TemplateError,
+    132015: TemplateUnavailable,
+    132016: TemplateDisabled,
 }
 
 

@@ -27,11 +27,12 @@ from connector.care_state import SENT_STATUSES, CareState, CareStateBackend, Cus
 from connector.care_state.records import dump_json
 from connector.config import ChannelConfig
 from connector.decisions import log_decision, masked
-from connector.errors import GraphError, OutcomeUnknown, ReEngagementRequired, meaning
+from connector.errors import GraphError, OutcomeUnknown, ReEngagementRequired, TemplateUnavailable, meaning
 from connector.payloads import StatusUpdate
 from connector.render import Rendered, numbered_choice, render
 from connector.tracker_reads import TrackerReader
-from connector.window import Outbound, SendFreeForm, SendTemplate, Suppress, WindowFacts, decide
+from connector.templates import MissingParameter, TemplateBook
+from connector.window import Decision, Outbound, SendFreeForm, SendTemplate, Suppress, WindowFacts, decide
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +55,7 @@ class OutboundPath:
         opted_out: Callable[[CustomerState], bool],
         status_wait_seconds: float = 10.0,
         choices_seconds: float = 3600.0,
+        meta_templates: Optional[Any] = None,
     ) -> None:
         self.config = config
         self.client = client
@@ -63,6 +65,8 @@ class OutboundPath:
         """Whether an opt-out of the channel's own is not yet in the tracker store (opt_out.py)."""
         self.status_wait_seconds = status_wait_seconds
         self.choices_seconds = choices_seconds
+        self.meta_templates = meta_templates
+        """Which templates Meta will not send now (template_status.py); None: Meta decides at send."""
 
     # --- the window --------------------------------------------------------------------------
 
@@ -136,6 +140,8 @@ class OutboundPath:
             facts = replace(facts, closed_for_inbound=max(closed_for, facts.closed_for_inbound or 0))
         values = {**slots, **{key: value for key, value in message.items() if value is not None}}
         decision = decide(now, facts, replace(outbound, values=values), book, self.config.care_window)
+        if isinstance(decision, SendTemplate):
+            decision = await self._sendable(decision, book, values)
         number = phone_number_id or (customer.reply_number if customer else None)
         if number not in self.config.phone_number_ids:  # a number this bot no longer serves
             number = None
@@ -148,8 +154,31 @@ class OutboundPath:
         if isinstance(decision, SendFreeForm):
             return await self._send_free_form(base, rendered, number, in_flight_inbound_at, again)
         if isinstance(decision, SendTemplate):
-            return await self._send_template(replace(base, template=decision.name), decision, number)
+            return await self._send_template(replace(base, template=decision.name, reason=decision.stands_in), decision, number)
         return await self._suppress(base, decision.reason)
+
+    async def _sendable(self, decision: SendTemplate, book: TemplateBook, values: Dict[str, Any]) -> Decision:
+        """A template Meta paused, disabled or rejected is not tried: the fallback template
+        stands in for it if Meta sends that one, else the reply is suppressed with the reason."""
+        if self.meta_templates is None:
+            return decision
+        try:
+            not_sent = await self.meta_templates.not_sent()
+        except Exception as error:  # Meta still refuses what it will not send
+            logger.error("Template states unreadable (%s: %s): trying %s", type(error).__name__, error, decision.name)
+            return decision
+        status = not_sent.get((decision.name, decision.language))
+        if status is None:
+            return decision
+        reason = f"outside the care window and template {decision.name} ({decision.language}) is {status} at Meta"
+        fallback = book.fallback
+        if fallback is None or fallback.name == decision.name or (fallback.name, fallback.language) in not_sent:
+            return Suppress(reason)
+        try:
+            return SendTemplate(fallback.name, fallback.language, fallback.components(values),
+                                stands_in=f"template {decision.name} ({decision.language}) is {status} at Meta")
+        except MissingParameter as missing:
+            return Suppress(f"{reason}, and the fallback template {fallback.name} cannot be filled: {missing}")
 
     async def _decided_before(self, record: OutboundRecord) -> bool:
         """This reply (part) of a turn run again: an earlier attempt decided about it (sent it,
@@ -249,6 +278,9 @@ class OutboundPath:
             return unknown
         except GraphError as error:  # Meta answered: it did not take the template
             await self._best_effort(state.release_template(record), "release the reservation of", record)
+            if isinstance(error, TemplateUnavailable) and self.meta_templates is not None:
+                await self._best_effort(self.meta_templates.refused(decision.name, decision.language, error.status),
+                                        "note the template state of", record)
             return await self._failed(record, error)
         accepted = replace(record, wamid=wamid, status="accepted")
         log_decision(accepted)

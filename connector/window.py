@@ -75,6 +75,8 @@ class SendTemplate:
     name: str
     language: str
     components: Tuple[Dict[str, Any], ...]
+    stands_in: Optional[str] = None
+    """Why this (fallback) template goes out instead of the mapped one."""
     kind = "template"
 
     def message(self) -> Dict[str, Any]:

@@ -24,6 +24,7 @@ MODEL = ROOT / "models" / "whatsapp-demo.tar.gz"
 BIN = Path(sys.executable).parent
 
 PHONE_NUMBER_ID = "106540352242922"
+BUSINESS_ACCOUNT_ID = "102290129340398"  # the simulator's business account: the templates are checked against it
 ACCESS_TOKEN = "e2e-access-token"
 APP_SECRET = "e2e-app-secret"
 VERIFY_TOKEN = "e2e-verify-token"
@@ -137,6 +138,7 @@ class Stack:
             WHATSAPP_PHONE_NUMBER_ID=",".join((PHONE_NUMBER_ID, *self.extra_numbers)),
             WHATSAPP_APP_SECRET=APP_SECRET,
             WHATSAPP_VERIFY_TOKEN=VERIFY_TOKEN,
+            WHATSAPP_BUSINESS_ACCOUNT_ID=BUSINESS_ACCOUNT_ID,
             WHATSAPP_API_URL=self.sim_url,
             WHATSAPP_SIMULATOR_CLOCK_URL=self.sim_url,
             SIM_BOT_WEBHOOK_URL=self.webhook_url,
