@@ -14,7 +14,7 @@ from rasa.core.tracker_store import InMemoryTrackerStore, RedisTrackerStore, SQL
 from rasa.shared.core.domain import Domain
 
 from connector.care_state import (
-    CareState, DeskEvent, OutboundRecord, PendingTurn, TemplateState, UnsupportedTrackerStore, backend_for,
+    CareState, DeskEvent, OutboundRecord, PendingTurn, Pricing, TemplateState, UnsupportedTrackerStore, backend_for,
 )
 from connector.care_state.sql import SchemaError, SqlBackend
 from tests.services import postgres_settings, redis_settings
@@ -536,6 +536,61 @@ def test_concurrent_updates_keep_the_latest_word(backend, template_name):
         assert template.category == f"C{n}"
 
 
+
+def test_a_customer_stops_then_resumes_marketing_the_later_word_winning(backend, sender):
+    assert backend.marketing_stopped(sender) is False  # never said anything
+    at = 1_700_000_000.123456789  # Meta's time, kept to the last bit
+    assert backend.set_marketing_stopped(sender, True, at)
+    assert backend.marketing_stopped(sender) is True
+    assert not backend.set_marketing_stopped(sender, False, at - 0.000001)  # an earlier word, delivered late
+    assert backend.marketing_stopped(sender) is True
+    assert backend.set_marketing_stopped(sender, False, at + 0.000001)
+    assert backend.marketing_stopped(sender) is False
+    assert not backend.set_marketing_stopped(sender, True, at)
+    assert backend.marketing_stopped(sender) is False
+    assert backend.set_marketing_stopped(sender, True, at + 0.000001)  # an equal time counts as stored
+    assert backend.marketing_stopped(sender) is True
+    assert backend.marketing_stopped(sender + "-other") is False
+
+
+def test_concurrent_marketing_words_keep_the_latest(backend, sender):
+    start = threading.Barrier(16)
+
+    def say(n):
+        start.wait()
+        at = 1_700_000_000 + (n * 7 % 16) / 8
+        return at, n % 2 == 0, backend.set_marketing_stopped(sender, n % 2 == 0, at)
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        results = list(pool.map(say, range(16)))
+    latest = max(at for at, _, _ in results)
+    assert [ok for at, _, ok in results if at == latest] == [True]
+    assert backend.marketing_stopped(sender) is next(stopped for at, stopped, _ in results if at == latest)
+
+
+def test_pricing_is_overwritten_and_read_back_for_known_ids_only(backend):
+    first, second, unknown = (uuid.uuid4().hex for _ in range(3))
+    assert backend.pricing_of([first, second, unknown]) == {}
+    assert backend.pricing_of([]) == {}
+    backend.set_pricing(first, Pricing("utility", True, "regular"))
+    backend.set_pricing(second, Pricing(None, None))
+    assert backend.pricing_of([first, second, unknown]) == {
+        first: Pricing("utility", True, "regular"), second: Pricing(None, None, None)}
+    backend.set_pricing(first, Pricing("service", False, None))  # a later status of the same message
+    backend.set_pricing(second, Pricing("marketing", None, "regular"))
+    assert backend.pricing_of([first, second]) == {
+        first: Pricing("service", False, None), second: Pricing("marketing", None, "regular")}
+    assert backend.pricing_of([unknown]) == {}
+
+
+def test_pricing_of_many_ids_reads_them_all(backend):
+    ids = [uuid.uuid4().hex for _ in range(1203)]
+    for n, callback_id in enumerate(ids[::3]):
+        backend.set_pricing(callback_id, Pricing("utility", n % 2 == 0, "regular"))
+    found = backend.pricing_of(ids)
+    assert set(found) == set(ids[::3])
+    assert found[ids[3]] == Pricing("utility", False, "regular")
+
 async def test_the_async_face_runs_calls_off_the_event_loop(tmp_path, sender):
     threads = []
 
@@ -562,6 +617,7 @@ def test_tables_that_cannot_be_created_fail_with_the_ddl(tmp_path):
     message = str(raised.value)
     assert "CREATE TABLE whatsapp_customers" in message and "CREATE TABLE whatsapp_outbound" in message
     assert "CREATE TABLE whatsapp_templates" in message
+    assert "CREATE TABLE whatsapp_marketing_stops" in message and "CREATE TABLE whatsapp_pricing" in message
     assert "README" in message
 
 

@@ -10,10 +10,10 @@ from typing import Any
 
 from connector.care_state.base import CareState, CareStateBackend
 from connector.care_state.records import (
-    SENT_STATUSES, CustomerState, DeskEvent, Handoff, OutboundRecord, PendingTurn, TemplateState,
+    SENT_STATUSES, CustomerState, DeskEvent, Handoff, OutboundRecord, PendingTurn, Pricing, TemplateState,
 )
 
-__all__ = ["CareState", "CareStateBackend", "CustomerState", "DeskEvent", "Handoff", "OutboundRecord", "PendingTurn", "SENT_STATUSES", "TemplateState",
+__all__ = ["CareState", "CareStateBackend", "CustomerState", "DeskEvent", "Handoff", "OutboundRecord", "PendingTurn", "Pricing", "SENT_STATUSES", "TemplateState",
            "UnsupportedTrackerStore", "backend_for", "unwrap"]
 
 

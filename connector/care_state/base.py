@@ -5,9 +5,11 @@ import asyncio
 from abc import ABC, abstractmethod
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
-from typing import Any, Callable, List, Optional, Sequence, TypeVar
+from typing import Any, Callable, Dict, List, Optional, Sequence, TypeVar
 
-from connector.care_state.records import CustomerState, DeskEvent, Handoff, OutboundRecord, PendingTurn, TemplateState
+from connector.care_state.records import (
+    CustomerState, DeskEvent, Handoff, OutboundRecord, PendingTurn, Pricing, TemplateState,
+)
 
 T = TypeVar("T")
 
@@ -157,6 +159,22 @@ class CareStateBackend(ABC):
         """Every template stored, by name and language."""
 
 
+    @abstractmethod
+    def set_marketing_stopped(self, sender_id: str, stopped: bool, at: float) -> bool:
+        """The customer stopped (or resumed) marketing messages at `at` (Meta's timestamp);
+        a later word wins. True if stored."""
+
+    @abstractmethod
+    def marketing_stopped(self, sender_id: str) -> bool: ...
+
+    @abstractmethod
+    def set_pricing(self, callback_id: str, pricing: Pricing) -> None:
+        """Meta's pricing of one outbound message (by its record's callback id); the latest status wins."""
+
+    @abstractmethod
+    def pricing_of(self, callback_ids: Sequence[str]) -> Dict[str, Pricing]: ...
+
+
 class CareState:
     """The async face of a backend. Calls run on a small thread pool of their own, so a stalled
     database holds up only these threads, never the webhook's acknowledgement."""
@@ -265,6 +283,18 @@ class CareState:
 
     async def templates(self) -> List[TemplateState]:
         return await self.run(self.backend.templates)
+
+    async def set_marketing_stopped(self, sender_id: str, stopped: bool, at: float) -> bool:
+        return await self.run(self.backend.set_marketing_stopped, sender_id, stopped, at)
+
+    async def marketing_stopped(self, sender_id: str) -> bool:
+        return await self.run(self.backend.marketing_stopped, sender_id)
+
+    async def set_pricing(self, callback_id: str, pricing: Pricing) -> None:
+        await self.run(self.backend.set_pricing, callback_id, pricing)
+
+    async def pricing_of(self, callback_ids: Sequence[str]) -> Dict[str, Pricing]:
+        return await self.run(self.backend.pricing_of, callback_ids)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)

@@ -6,7 +6,9 @@ from dataclasses import dataclass, replace
 from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 from connector.care_state.base import CareStateBackend
-from connector.care_state.records import STATUS_RANK, CustomerState, DeskEvent, Handoff, OutboundRecord, PendingTurn, TemplateState
+from connector.care_state.records import (
+    STATUS_RANK, CustomerState, DeskEvent, Handoff, OutboundRecord, PendingTurn, Pricing, TemplateState,
+)
 
 _KEPT_PER_CUSTOMER = 200
 
@@ -42,6 +44,10 @@ class MemoryBackend(CareStateBackend):
         """A customer's undelivered event ids, in seq order (the head first)."""
         self._desk_seq = 0
         self._templates: Dict[Tuple[str, str], TemplateState] = {}
+        self._marketing_stops: Dict[str, Tuple[bool, float]] = {}
+        """A customer's latest word on marketing messages: (stopped, when)."""
+        self._pricing: Dict[str, Pricing] = {}
+        """By callback id; forgotten with its outbound record."""
 
     def create_schema(self) -> None:
         pass
@@ -98,6 +104,7 @@ class MemoryBackend(CareStateBackend):
             mine.append(record.callback_id)
             for old in mine[:-_KEPT_PER_CUSTOMER]:  # the view shows the latest; older ones go
                 gone = self._outbound.pop(old, None)
+                self._pricing.pop(old, None)
                 self._by_wamid.pop(gone.wamid if gone and gone.wamid else "", None)
             del mine[:-_KEPT_PER_CUSTOMER]
         self._outbound[record.callback_id] = record
@@ -279,3 +286,26 @@ class MemoryBackend(CareStateBackend):
     def templates(self) -> List[TemplateState]:
         with self._lock:
             return [self._templates[key] for key in sorted(self._templates)]
+
+    # --- marketing stops and pricing ------------------------------------------------------------
+
+    def set_marketing_stopped(self, sender_id: str, stopped: bool, at: float) -> bool:
+        with self._lock:
+            known = self._marketing_stops.get(sender_id)
+            if known is not None and known[1] > at:
+                return False
+            self._marketing_stops[sender_id] = (bool(stopped), float(at))
+            return True
+
+    def marketing_stopped(self, sender_id: str) -> bool:
+        with self._lock:
+            return self._marketing_stops.get(sender_id, (False, 0.0))[0]
+
+    def set_pricing(self, callback_id: str, pricing: Pricing) -> None:
+        with self._lock:
+            self._pricing[callback_id] = pricing
+
+    def pricing_of(self, callback_ids: Sequence[str]) -> Dict[str, Pricing]:
+        with self._lock:
+            return {callback_id: self._pricing[callback_id] for callback_id in callback_ids
+                    if callback_id in self._pricing}

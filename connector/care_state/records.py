@@ -137,3 +137,14 @@ class TemplateState:
     """UTILITY, MARKETING, AUTHENTICATION."""
     updated_at: float = 0.0
     """When Meta said so (its webhook's time, or the sync's clock): a later word wins."""
+
+
+@dataclass(frozen=True)
+class Pricing:
+    """What Meta says a message costs, from its status webhooks' `pricing`."""
+
+    category: Optional[str]
+    """service, utility, marketing, authentication..."""
+    billable: Optional[bool]
+    pricing_type: Optional[str] = None
+    """regular, free_customer_service, free_entry_point..."""

@@ -21,16 +21,23 @@ Templates as Meta knows them (no expiry): `t:` one hash, its field a template's 
 as JSON, its value `{name, language, status, category, updated_at}` as JSON (`updated_at` kept as
 the string written, so no precision is lost to cjson). A script compares `updated_at` before it
 writes, so two instances writing at once keep the later word.
+
+Marketing stops (no expiry: the customer's word stands until they change it): `m:<sender>` a
+hash (stopped `1`/`0`, at), `at` kept as the string written; a script compares it before it writes,
+so the later word wins. Pricing: `p:<callback_id>` a hash per outbound message (category,
+billable, pricing_type, each as JSON so that null stays null), overwritten by each status that
+carries one, expiring with the outbound records (`TTL_SECONDS`).
 """
 
 import json
 import time
 from dataclasses import asdict
-from typing import Any, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from connector.care_state.base import CareStateBackend
 from connector.care_state.records import (
-    STATUS_RANK, CustomerState, DeskEvent, Handoff, OutboundRecord, PendingTurn, TemplateState, dump_json,
+    STATUS_RANK, CustomerState, DeskEvent, Handoff, OutboundRecord, PendingTurn, Pricing, TemplateState,
+    dump_json,
 )
 
 TTL_SECONDS = 35 * 24 * 3600  # records and reservations outlive Meta's redelivery and any window
@@ -277,6 +284,15 @@ redis.call('HSET', KEYS[1], ARGV[1], cjson.encode(t))
 return 1
 """
 
+# ARGV: stopped ('1' or '0'), at
+_SET_MARKETING_STOPPED = """
+local at = redis.call('HGET', KEYS[1], 'at')
+if at and tonumber(at) > tonumber(ARGV[2]) then return 0 end
+redis.call('HSET', KEYS[1], 'stopped', ARGV[1], 'at', ARGV[2])
+return 1
+"""
+_PRICING_FIELDS = ("category", "billable", "pricing_type")
+
 
 class RedisBackend(CareStateBackend):
     def __init__(self, red: Any, prefix: str = "whatsapp:") -> None:
@@ -296,6 +312,7 @@ class RedisBackend(CareStateBackend):
         self._claim_desk_events = red.register_script(_CLAIM_DESK_EVENTS)
         self._desk_event_done = red.register_script(_DESK_EVENT_DONE)
         self._update_template = red.register_script(_UPDATE_TEMPLATE)
+        self._set_marketing_stopped = red.register_script(_SET_MARKETING_STOPPED)
 
     def _key(self, kind: str, *parts: Any) -> str:
         return self.prefix + kind + ":" + ":".join(str(part) for part in parts)
@@ -482,6 +499,33 @@ class RedisBackend(CareStateBackend):
             found.append(TemplateState(name=data["name"], language=data["language"], status=data.get("status") or "",
                                        category=data.get("category") or "", updated_at=float(data["updated_at"])))
         return sorted(found, key=lambda t: (t.name, t.language))
+
+    # --- marketing stops and pricing ------------------------------------------------------------
+
+    def set_marketing_stopped(self, sender_id: str, stopped: bool, at: float) -> bool:
+        return bool(self._set_marketing_stopped(keys=[self._key("m", sender_id)],
+                                                args=["1" if stopped else "0", repr(float(at))]))
+
+    def marketing_stopped(self, sender_id: str) -> bool:
+        return _text(self.red.hget(self._key("m", sender_id), "stopped")) == "1"
+
+    def set_pricing(self, callback_id: str, pricing: Pricing) -> None:
+        key = self._key("p", callback_id)
+        pipe = self.red.pipeline(transaction=True)
+        pipe.hset(key, mapping={name: json.dumps(getattr(pricing, name)) for name in _PRICING_FIELDS})
+        pipe.expire(key, TTL_SECONDS)
+        pipe.execute()
+
+    def pricing_of(self, callback_ids: Sequence[str]) -> Dict[str, Pricing]:
+        ids = list(dict.fromkeys(callback_ids))
+        pipe = self.red.pipeline(transaction=False)
+        for callback_id in ids:
+            pipe.hmget(self._key("p", callback_id), *_PRICING_FIELDS)
+        found: Dict[str, Pricing] = {}
+        for callback_id, values in zip(ids, pipe.execute() if ids else []):
+            if any(value is not None for value in values):
+                found[callback_id] = Pricing(*(None if value is None else json.loads(_text(value)) for value in values))
+        return found
 
 
 def _desk_event(fields: dict) -> DeskEvent:

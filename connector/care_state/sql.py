@@ -17,6 +17,11 @@ takes each customer's lowest `seq` row only, by an UPDATE conditional on its lea
 A template as Meta knows it is a row of `whatsapp_templates` (name, language). Storing what Meta
 says is an INSERT, or where the row exists (ON CONFLICT, else the IntegrityError) an UPDATE
 conditional on `updated_at <= ` the word's own: two instances writing at once keep the later word.
+
+A customer's word on marketing messages (stopped, or resumed) is a row of
+`whatsapp_marketing_stops`, written the same way (conditional on `at <=` the word's own); no row
+means not stopped. Meta's pricing of an outbound message is a row of `whatsapp_pricing` by its
+callback id, overwritten by each status that carries one.
 """
 
 import hashlib
@@ -32,8 +37,8 @@ from sqlalchemy.schema import CreateIndex, CreateTable
 
 from connector.care_state.base import CareStateBackend
 from connector.care_state.records import (
-    STATUS_RANK, CustomerState, DeskEvent, Handoff, OutboundRecord, PendingTurn, TemplateState, choices_from_json,
-    dump_json,
+    STATUS_RANK, CustomerState, DeskEvent, Handoff, OutboundRecord, PendingTurn, Pricing, TemplateState,
+    choices_from_json, dump_json,
 )
 
 logger = logging.getLogger(__name__)
@@ -127,6 +132,20 @@ templates = sa.Table(
     sa.Column("category", sa.String(32), nullable=False),
     sa.Column("updated_at", sa.Float(precision=53), nullable=False),
 )
+marketing_stops = sa.Table(
+    "whatsapp_marketing_stops", metadata,
+    sa.Column("sender_id", sa.String(255), primary_key=True),
+    sa.Column("stopped", sa.Boolean, nullable=False),
+    sa.Column("at", sa.Float(precision=53), nullable=False),
+)
+pricing_table = sa.Table(
+    "whatsapp_pricing", metadata,
+    sa.Column("callback_id", sa.String(64), primary_key=True),
+    sa.Column("category", sa.String(32)),
+    sa.Column("billable", sa.Boolean),
+    sa.Column("pricing_type", sa.String(64)),
+)
+_PRICING_CHUNK = 500  # ids per IN (...): well under every database's limit on bound parameters
 
 # Rasa indexes `events` by sender_id alone: PostgreSQL then reads a customer's rows newest-first
 # by scanning every row written since (other customers' too). These keep the window reads flat.
@@ -502,6 +521,65 @@ class SqlBackend(CareStateBackend):
         with self.engine.connect() as connection:
             return [TemplateState(name=row.name, language=row.language, status=row.status, category=row.category,
                                   updated_at=row.updated_at) for row in connection.execute(query)]
+
+    # --- marketing stops and pricing ------------------------------------------------------------
+
+    def set_marketing_stopped(self, sender_id: str, stopped: bool, at: float) -> bool:
+        at = float(at)
+        values: Dict[str, Any] = {"stopped": bool(stopped), "at": at}
+        not_later = marketing_stops.c.at <= at
+        if self.on_conflict is not None:
+            statement = self.on_conflict(marketing_stops).values(sender_id=sender_id, **values).on_conflict_do_update(
+                index_elements=[marketing_stops.c.sender_id], set_=values, where=not_later)
+            with self.engine.begin() as connection:
+                return connection.execute(statement).rowcount == 1
+        try:
+            with self.engine.begin() as connection:
+                connection.execute(sa.insert(marketing_stops).values(sender_id=sender_id, **values))
+            return True
+        except IntegrityError:  # stored already (rows are never deleted): the later word wins
+            pass
+        with self.engine.begin() as connection:
+            return connection.execute(sa.update(marketing_stops).where(
+                marketing_stops.c.sender_id == sender_id, not_later).values(**values)).rowcount == 1
+
+    def marketing_stopped(self, sender_id: str) -> bool:
+        query = sa.select(marketing_stops.c.stopped).where(marketing_stops.c.sender_id == sender_id)
+        with self.engine.connect() as connection:
+            return bool(connection.execute(query).scalar())
+
+    def set_pricing(self, callback_id: str, pricing: Pricing) -> None:
+        values: Dict[str, Any] = {"category": pricing.category, "billable": pricing.billable,
+                                  "pricing_type": pricing.pricing_type}
+        if self.on_conflict is not None:
+            statement = self.on_conflict(pricing_table).values(callback_id=callback_id, **values).on_conflict_do_update(
+                index_elements=[pricing_table.c.callback_id], set_=values)
+            with self.engine.begin() as connection:
+                connection.execute(statement)
+            return
+        update = sa.update(pricing_table).where(pricing_table.c.callback_id == callback_id).values(**values)
+        with self.engine.begin() as connection:  # a later status of the message: its row exists
+            if connection.execute(update).rowcount:
+                return
+        try:
+            with self.engine.begin() as connection:
+                connection.execute(sa.insert(pricing_table).values(callback_id=callback_id, **values))
+        except IntegrityError:  # another writer inserted it first: the latest word overwrites
+            with self.engine.begin() as connection:
+                connection.execute(update)
+
+    def pricing_of(self, callback_ids: Sequence[str]) -> Dict[str, Pricing]:
+        ids = list(dict.fromkeys(callback_ids))
+        found: Dict[str, Pricing] = {}
+        with self.engine.connect() as connection:
+            for start in range(0, len(ids), _PRICING_CHUNK):
+                chunk = ids[start:start + _PRICING_CHUNK]
+                query = sa.select(pricing_table).where(pricing_table.c.callback_id.in_(chunk))
+                for row in connection.execute(query):
+                    found[row.callback_id] = Pricing(
+                        category=row.category, billable=None if row.billable is None else bool(row.billable),
+                        pricing_type=row.pricing_type)
+        return found
 
 
 class _Full(Exception):
