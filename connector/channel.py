@@ -275,9 +275,11 @@ class WhatsAppInput(InputChannel):
         try:
             records = await self.state.recent_outbound(sender_id, 50)
             inbox = await self.state.turns_of(sender_id, 20)
+            pricing = await self.state.pricing_of([r.callback_id for r in records])
+            marketing_stopped: Optional[bool] = await self.state.marketing_stopped(sender_id)
         except Exception as error:  # the window says "unknown" already; show what can be shown
             logger.error("Records of %s unreadable: %s", masked(sender_id), error)
-            records, inbox = [], []
+            records, inbox, pricing, marketing_stopped = [], [], {}, None
         return {
             "sender_id": sender_id,
             "now": now,
@@ -287,6 +289,7 @@ class WhatsAppInput(InputChannel):
             "margin_seconds": policy.margin_seconds,
             "closed_by_meta_for": facts.closed_for_inbound,
             "opt_in": facts.opt_in,
+            "marketing_stopped": marketing_stopped,
             "templates_sent": facts.templates_sent,
             "templates_left": max(0, policy.templates_per_lapsed_window - facts.templates_sent),
             "reply_number": customer.reply_number if customer else None,
@@ -294,7 +297,9 @@ class WhatsAppInput(InputChannel):
             "records": [
                 {"kind": outcome(r), "decision": r.decision, "status": r.status, "at": r.at, "window_of": r.window_of,
                  "response": r.response, "template": r.template, "wamid": r.wamid, "callback_id": r.callback_id,
-                 "code": r.error_code, "reason": r.reason, "fallback_of": r.fallback_of}
+                 "code": r.error_code, "reason": r.reason, "fallback_of": r.fallback_of,
+                 "pricing_category": pricing[r.callback_id].category if r.callback_id in pricing else None,
+                 "billable": pricing[r.callback_id].billable if r.callback_id in pricing else None}
                 for r in reversed(records)
             ],
             "inbox": [
@@ -394,11 +399,19 @@ class WhatsAppInput(InputChannel):
         logger.info("Customer %s is now %s (%s)", masked(change.old_sender_id), masked(change.new_sender_id), change.type)
 
     def _handle_preference(self, preference: UserPreference) -> None:
-        """Meta's "stop marketing messages" from the customer: honoured as an opt-out."""
+        """Meta's "stop marketing messages" (or "resume"): marketing templates are not sent to
+        them from now on, utility templates still are."""
         logger.info("Customer %s: %s %s", masked(preference.sender_id), preference.category, preference.value)
-        if preference.value == "stop" and preference.sender_id:
-            self.turns.submit(preference.sender_id,
-                              lambda: self.opt_outs.opt_out(preference.sender_id, "marketing stop"))
+        if preference.category == "marketing_messages" and preference.value in ("stop", "resume") and preference.sender_id:
+            self.turns.submit(preference.sender_id, lambda: self._marketing(preference))
+
+    async def _marketing(self, preference: UserPreference) -> None:
+        try:
+            await self.state.set_marketing_stopped(preference.sender_id, preference.value == "stop",
+                                                   float(preference.timestamp))
+        except Exception as error:  # Meta answers 131050 to a marketing template meanwhile: noted then
+            logger.error("Marketing %s of %s not stored: %s: %s", preference.value, masked(preference.sender_id),
+                         type(error).__name__, error)
 
     def _is_opt_out(self, message: InboundMessage) -> bool:
         said = [message.text or ""]

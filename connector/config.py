@@ -50,6 +50,7 @@ _OPTIONAL = (
     "desk_backlog_limit",
     "resume_intent",
     "whatsapp_business_account_id",
+    "template_sync_minutes",
 )
 _INBOUND_INTENTS = ("media", "location", "contacts", "order", "flow", "reaction", "call")
 _PACING = {  # key: (default, low, high, whole number)
@@ -116,6 +117,8 @@ class ChannelConfig:
     """Triggered after an agent hands a conversation back, so the bot can say it is back."""
     whatsapp_business_account_id: str = ""
     """With it, the `templates` mapping is checked at startup against the templates Meta holds."""
+    template_sync_seconds: float = 3600.0
+    """How often Meta's templates are read again (their webhooks update them in between)."""
 
     @property
     def phone_number_id(self) -> str:
@@ -216,6 +219,7 @@ class ChannelConfig:
             desk_backlog_limit=int(_number(credentials, "desk_backlog_limit", 1000, 1, 1_000_000, whole=True)),
             resume_intent=resume_intent,
             whatsapp_business_account_id=waba_id,
+            template_sync_seconds=60 * _number(credentials, "template_sync_minutes", 60, 1, 7 * 24 * 60),
         )
 
 

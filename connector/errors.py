@@ -90,6 +90,10 @@ class MarketingNotDelivered(GraphError):
     """131049 (per-user marketing limit), 131050 (the customer stopped marketing messages)."""
 
 
+class MarketingStopped(MarketingNotDelivered):
+    """131050: the customer stopped marketing messages; utility templates still reach them."""
+
+
 class TransientError(GraphError):
     """Meta or the network failed for now: 131000, 131016, 1, 2, HTTP 5xx, timeouts."""
 
@@ -110,7 +114,7 @@ _BY_CODE: Dict[int, Type[GraphError]] = {
     131047: ReEngagementRequired,
     131026: Undeliverable,
     131049: MarketingNotDelivered,
-    131050: MarketingNotDelivered,
+    131050: MarketingStopped,
     130429: RateLimited,
     131056: RateLimited,
     131057: RateLimited,

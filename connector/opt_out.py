@@ -1,5 +1,4 @@
-"""The channel's own opt-outs (an opt-out keyword, an Unsubscribe quick reply, Meta's marketing
-stop) are never lost: written to the shared state at once, then to the customer's tracker (the
+"""The channel's own opt-outs (an opt-out keyword, an Unsubscribe quick reply) are never lost: written to the shared state at once, then to the customer's tracker (the
 opt-in slot set to False) without Rasa's fail-safe wrapper, which would turn a failed read into an
 empty tracker whose save drops the event. A write that fails is retried in the background until
 it is stored; until then the customer counts as opted out, on every instance."""

@@ -23,14 +23,17 @@ import uuid
 from dataclasses import dataclass, replace
 from typing import Any, Awaitable, Callable, Dict, Iterable, List, Optional, Tuple
 
-from connector.care_state import SENT_STATUSES, CareState, CareStateBackend, CustomerState, OutboundRecord, unwrap
+from connector.care_state import SENT_STATUSES, CareState, CareStateBackend, CustomerState, OutboundRecord, Pricing, unwrap
 from connector.care_state.records import dump_json
 from connector.config import ChannelConfig
 from connector.decisions import log_decision, masked
-from connector.errors import GraphError, OutcomeUnknown, ReEngagementRequired, TemplateUnavailable, meaning
+from connector.errors import (
+    GraphError, MarketingStopped, OutcomeUnknown, ReEngagementRequired, TemplateUnavailable, meaning,
+)
 from connector.payloads import StatusUpdate
 from connector.render import Rendered, numbered_choice, render
 from connector.tracker_reads import TrackerReader
+from connector.template_status import NOT_SENT
 from connector.templates import MissingParameter, TemplateBook
 from connector.window import Decision, Outbound, SendFreeForm, SendTemplate, Suppress, WindowFacts, decide
 
@@ -141,7 +144,7 @@ class OutboundPath:
         values = {**slots, **{key: value for key, value in message.items() if value is not None}}
         decision = decide(now, facts, replace(outbound, values=values), book, self.config.care_window)
         if isinstance(decision, SendTemplate):
-            decision = await self._sendable(decision, book, values)
+            decision = await self._sendable(sender_id, decision, book, values)
         number = phone_number_id or (customer.reply_number if customer else None)
         if number not in self.config.phone_number_ids:  # a number this bot no longer serves
             number = None
@@ -157,28 +160,39 @@ class OutboundPath:
             return await self._send_template(replace(base, template=decision.name, reason=decision.stands_in), decision, number)
         return await self._suppress(base, decision.reason)
 
-    async def _sendable(self, decision: SendTemplate, book: TemplateBook, values: Dict[str, Any]) -> Decision:
-        """A template Meta paused, disabled or rejected is not tried: the fallback template
-        stands in for it if Meta sends that one, else the reply is suppressed with the reason."""
+    async def _sendable(self, sender_id: str, decision: SendTemplate, book: TemplateBook,
+                        values: Dict[str, Any]) -> Decision:
+        """A template Meta paused, disabled or rejected is not tried, nor a marketing template to a
+        customer who stopped marketing messages: the fallback template stands in if it may go
+        out, else the reply is suppressed with the reason."""
         if self.meta_templates is None:
             return decision
         try:
-            not_sent = await self.meta_templates.not_sent()
+            known = await self.meta_templates.known()
+            why = await self._not_sendable(sender_id, decision.name, decision.language, known)
+            if why is None:
+                return decision
+            fallback = book.fallback
+            if fallback is None or fallback.name == decision.name or \
+                    await self._not_sendable(sender_id, fallback.name, fallback.language, known):
+                return Suppress(f"outside the care window and {why}")
         except Exception as error:  # Meta still refuses what it will not send
             logger.error("Template states unreadable (%s: %s): trying %s", type(error).__name__, error, decision.name)
             return decision
-        status = not_sent.get((decision.name, decision.language))
-        if status is None:
-            return decision
-        reason = f"outside the care window and template {decision.name} ({decision.language}) is {status} at Meta"
-        fallback = book.fallback
-        if fallback is None or fallback.name == decision.name or (fallback.name, fallback.language) in not_sent:
-            return Suppress(reason)
         try:
-            return SendTemplate(fallback.name, fallback.language, fallback.components(values),
-                                stands_in=f"template {decision.name} ({decision.language}) is {status} at Meta")
+            return SendTemplate(fallback.name, fallback.language, fallback.components(values), stands_in=why)
         except MissingParameter as missing:
-            return Suppress(f"{reason}, and the fallback template {fallback.name} cannot be filled: {missing}")
+            return Suppress(f"outside the care window and {why}, and the fallback template {fallback.name} cannot be filled: {missing}")
+
+    async def _not_sendable(self, sender_id: str, name: str, language: str, known: Dict[Any, Any]) -> Optional[str]:
+        template = known.get((name, language))
+        if template is None:
+            return None
+        if template.status in NOT_SENT:
+            return f"template {name} ({language}) is {template.status} at Meta"
+        if template.category == "MARKETING" and await self.stores().state.marketing_stopped(sender_id):
+            return f"the customer stopped marketing messages and template {name} ({language}) is MARKETING"
+        return None
 
     async def _decided_before(self, record: OutboundRecord) -> bool:
         """This reply (part) of a turn run again: an earlier attempt decided about it (sent it,
@@ -294,12 +308,19 @@ class OutboundPath:
 
     async def _failed(self, record: OutboundRecord, error: GraphError) -> OutboundRecord:
         reason = meaning(error.code) or error.message
+        await self._meta_refused(record, error)
         await self._best_effort(
             self.stores().state.update_outbound("failed", callback_id=record.callback_id, error_code=error.code, reason=reason),
             "store the failure of", record)
         failed = replace(record, status="failed", error_code=error.code, reason=reason)
         log_decision(failed)
         return failed
+
+    async def _meta_refused(self, record: OutboundRecord, error: Optional[GraphError]) -> None:
+        """131050: the customer stopped marketing messages (utility templates still go out)."""
+        if isinstance(error, MarketingStopped):
+            await self._best_effort(self.stores().state.set_marketing_stopped(record.sender_id, True, await self.now()),
+                                    "note the marketing stop of", record)
 
     async def _best_effort(self, write: Awaitable[Any], what: str, record: OutboundRecord) -> None:
         try:
@@ -325,10 +346,18 @@ class OutboundPath:
         if failed:
             logger.warning("Message %s to %s failed: code=%s %s", status.wamid, masked(status.recipient_id),
                            error.code if error else None, kwargs.get("reason"))
+        if status.status == "sent" and status.biz_opaque_callback_data and \
+                (status.pricing_category or status.billable is not None):
+            try:  # what the message costs, for the conversation views (one write: the later statuses repeat it)
+                await state.set_pricing(status.biz_opaque_callback_data,
+                                        Pricing(status.pricing_category, status.billable, status.pricing_type))
+            except Exception as problem:
+                logger.error("Pricing of %s not stored: %s: %s", status.wamid, type(problem).__name__, problem)
         record = await state.update_outbound(status.status, **kwargs)
         if record is None or not failed:
             return
         log_decision(record)
+        await self._meta_refused(record, error)
         if record.decision == "template":
             await state.release_template(record)
         if isinstance(error, ReEngagementRequired) and record.decision == "free_form":

@@ -23,12 +23,11 @@ _CATEGORY_FIELD = "template_category_update"
 
 class MetaTemplates:
     def __init__(self, config: ChannelConfig, client: Any, state: Callable[[], Any],
-                 now: Callable[[], Awaitable[float]], sync_seconds: float = 3600.0) -> None:
+                 now: Callable[[], Awaitable[float]]) -> None:
         self.config = config
         self.client = client
         self.state = state
         self.now = now
-        self.sync_seconds = sync_seconds
         self.synced_at: Optional[float] = None
         self._task: Optional["asyncio.Task[None]"] = None
 
@@ -54,7 +53,7 @@ class MetaTemplates:
 
     async def _sync_forever(self) -> None:
         while True:
-            await asyncio.sleep(self.sync_seconds)
+            await asyncio.sleep(self.config.template_sync_seconds)
             await self.sync()
 
     async def sync(self, startup: bool = False) -> bool:
@@ -113,6 +112,6 @@ class MetaTemplates:
         await self.state().update_template(TemplateState(name, language, status, "", await self.now()), category=False)
         logger.warning("Template %s (%s) is %s at Meta: not sent until Meta reinstates it", name, language, status)
 
-    async def not_sent(self) -> Dict[Tuple[str, str], str]:
-        """Templates Meta will not send now, by (name, language): their status."""
-        return {(t.name, t.language): t.status for t in await self.state().templates() if t.status in NOT_SENT}
+    async def known(self) -> Dict[Tuple[str, str], TemplateState]:
+        """What Meta last said of each template, by (name, language)."""
+        return {(t.name, t.language): t for t in await self.state().templates()}

@@ -187,12 +187,11 @@ async def test_a_customer_call_reaches_rasa_as_an_intent_with_its_timestamp(app,
     assert call.metadata["whatsapp"]["type"] == "call" and call.metadata["whatsapp"]["timestamp"] > 0
 
 
-async def test_marketing_stop_preference_opts_the_customer_out(app, channel):
+async def test_marketing_stop_preference_stops_marketing_templates_not_the_opt_in(app, channel):
     await post(app, webhook_body("user_preferences_marketing_stop"))
     await channel.turns.drain()
-    (sender_id,) = await app.ctx.agent.tracker_store.keys()
-    tracker = await app.ctx.agent.tracker_store.retrieve(sender_id)
-    assert [(e.key, e.value) for e in tracker.events if e.type_name == "slot"] == [("whatsapp_opt_in", False)]
+    assert await channel.state.marketing_stopped("16315551181") is True
+    assert list(await app.ctx.agent.tracker_store.keys()) == []  # no opt-out written to the tracker
 
 
 async def test_oversized_body_is_413(app, channel):

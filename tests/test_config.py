@@ -50,6 +50,8 @@ def test_defaults_for_empty_api_url_and_version():
         ({"window_closing_lead_minutes": 1440}, "window_closing_lead_minutes"),
         ({"desk_backlog_limit": 0}, "desk_backlog_limit"),
         ({"resume_intent": "/bot_is_back"}, "resume_intent"),
+        ({"whatsapp_business_account_id": "WABA-1"}, "whatsapp_business_account_id"),
+        ({"template_sync_minutes": 0}, "template_sync_minutes"),
     ],
 )
 def test_bad_setting_is_named(change, bad_key):

@@ -97,6 +97,25 @@ def test_both_instances_decide_alike_and_one_template_holds_across_them_and_a_re
     assert pair.stats()["window_violations"] == violations_before
 
 
+def test_a_template_meta_paused_through_a_webhook_to_one_instance_is_not_sent_by_the_other(pair, wa_id):
+    pair.customer_says(wa_id, {"button_reply": {"id": "/opt_in", "title": "Order updates"}})
+    pair.wait_outbound(wa_id, 1)
+    pair.customer_says(wa_id, "where is order 10042")
+    pair.wait_outbound(wa_id, 2)
+    pair.sim("POST", "clock", {"advance": 30 * HOUR})
+    paused = pair.sim("POST", "templates/order_status_update/en_US", {"status": "PAUSED"})
+    try:
+        assert paused["webhooks"][0]["webhook_status"] == 200  # Meta's webhook went to A
+        trigger(pair, wa_id, B)
+        record = pair.window(wa_id, B)["records"][-1]
+        assert record["kind"] == "suppressed"
+        assert record["reason"] == "outside the care window and template order_status_update (en_US) is PAUSED at Meta"
+    finally:
+        pair.sim("POST", "templates/order_status_update/en_US", {"status": "APPROVED"})
+    trigger(pair, wa_id, B)  # reinstated, through A again
+    assert pair.wait_outbound(wa_id, 3)[-1]["payload"]["type"] == "template"
+
+
 def test_simultaneous_triggers_on_both_instances_send_one_template(pair, wa_id):
     pair.customer_says(wa_id, {"button_reply": {"id": "/opt_in", "title": "Order updates"}})
     pair.wait_outbound(wa_id, 1)
