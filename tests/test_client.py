@@ -18,7 +18,7 @@ from aiohttp import web
 from connector.client import CloudApiClient
 from connector.config import ChannelConfig
 from connector.errors import (
-    AccountRateLimited, AuthError, GraphError, MarketingNotDelivered, OutcomeUnknown, RateLimited, ReEngagementRequired, TemplateError,
+    AccountRateLimited, AuthError, GraphError, MarketingStopped, OutcomeUnknown, RateLimited, ReEngagementRequired, TemplateError,
     TransientError, Undeliverable,
 )
 from connector.pacing import Gcra, Pacer
@@ -400,7 +400,7 @@ RETRIED = [(429, 130429), (400, 131056), (503, 131057), (500, 131000), (503, 131
 NOT_RETRIED = [
     (400, 131026, Undeliverable), (400, 131047, ReEngagementRequired), (400, 132001, TemplateError),
     (400, 132000, TemplateError), (401, 190, AuthError), (400, 4, AccountRateLimited), (400, 80007, AccountRateLimited),
-    (400, 131048, GraphError), (400, 131050, MarketingNotDelivered), (400, 131009, GraphError), (404, 100, GraphError),
+    (400, 131048, GraphError), (400, 131050, MarketingStopped), (400, 131009, GraphError), (404, 100, GraphError),
 ]
 
 
