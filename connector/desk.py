@@ -3,12 +3,10 @@
 An event is stored before anything depends on it and deleted only once the desk answered 2xx,
 so a desk that is down loses nothing: each customer's events wait, in order, behind the oldest,
 which is retried with backoff by whichever instance holds its lease. Bodies are signed like
-Meta signs its webhooks: `X-Signature-256: sha256=<HMAC-SHA256 of the body, key agent_token>`.
+Meta signs its webhooks (`signature.sign`): `X-Signature-256: sha256=<HMAC-SHA256 of the body, key agent_token>`.
 """
 
 import asyncio
-import hashlib
-import hmac
 import logging
 import time
 import uuid
@@ -19,6 +17,7 @@ import aiohttp
 from connector.care_state import CareState, DeskEvent
 from connector.care_state.records import dump_json
 from connector.decisions import masked
+from connector.signature import sign
 
 logger = logging.getLogger(__name__)
 
@@ -27,10 +26,6 @@ MAX_BACKOFF_SECONDS = 60.0
 REFUSED = (400, 413, 422)
 """The desk says this event itself is wrong: it is dropped (logged). Anything else (a desk being
 deployed, a wrong key) is retried."""
-
-
-def signature(body: bytes, key: str) -> str:
-    return "sha256=" + hmac.new(key.encode(), body, hashlib.sha256).hexdigest()
 
 
 class Desk:
@@ -105,7 +100,7 @@ class Desk:
     async def _deliver(self, event: DeskEvent) -> bool:
         """False if the state could not be told (the event's lease runs out; not again at once)."""
         body = dump_json(event.body).encode()
-        headers = {"Content-Type": "application/json", "X-Signature-256": signature(body, self.key)}
+        headers = {"Content-Type": "application/json", "X-Signature-256": sign(body, self.key)}
         try:
             async with self._session.post(self.url, data=body, headers=headers) as answer:
                 status = answer.status

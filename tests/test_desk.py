@@ -8,7 +8,8 @@ from aiohttp import web
 
 from connector.care_state import CareState
 from connector.care_state.memory import MemoryBackend
-from connector.desk import Desk, signature
+from connector.desk import Desk
+from connector.signature import sign
 
 
 async def started_desk(answers):
@@ -17,7 +18,7 @@ async def started_desk(answers):
 
     async def receive(request):
         body = await request.read()
-        assert request.headers["X-Signature-256"] == signature(body, "agent-key")
+        assert request.headers["X-Signature-256"] == sign(body, "agent-key")
         status = answers.pop(0) if answers else 200
         if status == 200:
             taken.append(json.loads(body))
