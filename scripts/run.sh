@@ -44,7 +44,7 @@ pids+=($!)
 pids+=($!)
 
 cat <<MSG
-run: starting (the bot answers after ~15 s). Play a customer from another terminal:
+run: starting (the bot answers after about 35 s). Play a customer from another terminal:
   .venv/bin/python -m connector.simulator say 15551234567 "hi"
   .venv/bin/python -m connector.simulator show 15551234567
 MSG
