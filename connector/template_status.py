@@ -28,7 +28,6 @@ class MetaTemplates:
         self.client = client
         self.state = state
         self.now = now
-        self.synced_at: Optional[float] = None
         self._task: Optional["asyncio.Task[None]"] = None
 
     @property
@@ -79,7 +78,6 @@ class MetaTemplates:
         for template in catalog:
             await state.update_template(TemplateState(template.name, template.language, template.status,
                                                       template.category, now))
-        self.synced_at = now
         logger.info("Meta's %d template(s) synced; the templates mapping %s", len(catalog),
                     "matches them" if not result.errors else "does not match them")
         return True
