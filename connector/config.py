@@ -164,6 +164,9 @@ class ChannelConfig:
         clock_url = _optional_text(credentials, "simulator_clock_url")
         if clock_url and urlparse(clock_url).scheme not in ("http", "https"):
             raise ConfigError("simulator_clock_url", f"must be an http(s) URL, got {clock_url!r}")
+        if clock_url and parsed.hostname and parsed.hostname.endswith("facebook.com"):
+            raise ConfigError("simulator_clock_url", "time travel exists only with the simulator, and api_url "
+                              f"points at Meta ({api_url}); leave simulator_clock_url empty for a real number")
 
         intents = _inbound_intents(credentials.get("inbound_intents"))
         redis_url = _optional_text(credentials, "redis_url")

@@ -96,3 +96,12 @@ def test_handoff_settings_and_their_defaults():
         "window_closing_lead_minutes": 90, "desk_backlog_limit": 50, "resume_intent": "bot_is_back"})
     assert (on.agent_token, on.handoff_webhook_url) == ("agent-secret", "https://desk.example.com/whatsapp")
     assert (on.window_closing_lead_seconds, on.desk_backlog_limit, on.resume_intent) == (5400.0, 50, "bot_is_back")
+
+
+def test_time_travel_is_refused_when_the_api_url_points_at_meta():
+    with pytest.raises(ConfigError, match="simulator_clock_url.*points at Meta"):
+        ChannelConfig.from_credentials({**VALID, "api_url": "https://graph.facebook.com",
+                                        "simulator_clock_url": "http://127.0.0.1:5090"})
+    with pytest.raises(ConfigError, match="simulator_clock_url"):
+        no_api_url = {k: v for k, v in VALID.items() if k != "api_url"}  # Meta by default
+        ChannelConfig.from_credentials({**no_api_url, "simulator_clock_url": "http://127.0.0.1:5090"})
