@@ -25,9 +25,10 @@ ORDERS_FILE = Path(__file__).resolve().parent / "orders.json"
 
 OPT_IN_SLOT = "whatsapp_opt_in"
 FOLLOW_UP_INTENT = "EXTERNAL_order_follow_up"
-# A day and a bit after the check: by then the care window has usually lapsed, so the update
-# goes out as the approved `order_status_update` template (see credentials.yml).
-FOLLOW_UP_SECONDS = float(os.environ.get("ORDER_FOLLOW_UP_SECONDS", 30 * 3600))
+# 25 hours after the check: by then the care window has lapsed unless the customer wrote again, so
+# the update goes out as the approved `order_status_update` template (see credentials.yml); the
+# simulator page's "+25 h" lands on it.
+FOLLOW_UP_SECONDS = float(os.environ.get("ORDER_FOLLOW_UP_SECONDS", 25 * 3600))
 # How long the order system takes to answer (0 here; tests make it slow to catch a turn mid-way).
 ORDER_LOOKUP_SECONDS = float(os.environ.get("ORDER_LOOKUP_SECONDS", 0))
 FOLLOW_UP_STATUSES = ("processing", "shipped")
