@@ -7,8 +7,9 @@ from typing import AsyncIterator, Optional
 
 from aiohttp import web
 
-from . import cloud_api, control_api
+from . import cloud_api, control_api, page
 from .core import SIM, Simulator
+from .persist import PERSISTER, Persister
 from .settings import Settings
 from .state import Clock, SimState
 from .templates import TemplateRegistry
@@ -34,7 +35,18 @@ def create_app(settings: Settings, *, clock: Optional[Clock] = None) -> web.Appl
         yield
         await simulator.close()
 
+    if settings.state_file is not None:
+        persister = app[PERSISTER] = Persister(settings.state_file, simulator.state)
+
+        async def persistence(app: web.Application) -> AsyncIterator[None]:
+            persister.load()  # before the simulator starts: nothing has been played yet
+            persister.start()
+            yield
+            await persister.close()  # after `lifecycle` (cleanups run in reverse): the last change is in
+
+        app.cleanup_ctx.append(persistence)
     app.cleanup_ctx.append(lifecycle)
     cloud_api.add_routes(app)
     control_api.add_routes(app)
+    page.add_routes(app)
     return app

@@ -39,6 +39,7 @@ class Settings:
     status_delay: float = 0.0
     redeliver_delays: Tuple[float, ...] = DEFAULT_REDELIVER_DELAYS
     phone_number_ids: Tuple[str, ...] = ()  # further business numbers of the same app, beyond phone_number_id
+    state_file: Optional[Path] = None  # where conversations and the clock persist across restarts; None: nowhere
 
     def __post_init__(self) -> None:
         for name in ("access_token", "phone_number_id", "app_secret"):

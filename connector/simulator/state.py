@@ -7,6 +7,7 @@ changes so tests can wait for a condition instead of sleeping.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
@@ -14,6 +15,8 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple
 
 from .payloads import new_wamid
 from .settings import Settings
+
+log = logging.getLogger("connector.simulator")
 
 WINDOW_SECONDS = 24 * 60 * 60
 
@@ -171,7 +174,11 @@ class SimState:
         self.statuses: Tuple[str, ...] = settings.statuses
         self.redeliver_delays: Tuple[float, ...] = settings.redeliver_delays
         self.burst_serial = 0  # numbers burst customers, so each burst plays new ones
+        self.resets = 0  # how many times `reset()` ran, so a listener can tell a reset from other changes
+        self._listeners: List[Callable[[], None]] = []
         self._waiters: Set[asyncio.Future] = set()
+        self.version = 0
+        """Counts changes, so a page can wait for the next one (`/_sim/events`)."""
 
     def reset(self) -> None:
         self.clock.reset()
@@ -185,6 +192,7 @@ class SimState:
         self.statuses = self.settings.statuses
         self.redeliver_delays = self.settings.redeliver_delays
         self.burst_serial = 0
+        self.resets += 1
         self.changed()
 
     def now(self) -> int:
@@ -240,10 +248,27 @@ class SimState:
 
     def changed(self) -> None:
         """Wake every waiter; each re-checks its own condition."""
+        self.version += 1
         for fut in self._waiters:
             if not fut.done():
                 fut.set_result(None)
         self._waiters.clear()
+        for listener in list(self._listeners):
+            try:
+                listener()
+            except Exception:  # a listener must never break the request that changed something
+                log.exception("state listener %r failed", listener)
+
+    def subscribe(self, listener: Callable[[], None]) -> Callable[[], None]:
+        """Call `listener()` after every `changed()` (on the loop: it must be quick, e.g. set a flag
+        and schedule work); returns the function that unsubscribes it."""
+        self._listeners.append(listener)
+
+        def unsubscribe() -> None:
+            if listener in self._listeners:
+                self._listeners.remove(listener)
+
+        return unsubscribe
 
     async def wait_until(self, predicate: Callable[[], bool], timeout: float) -> bool:
         loop = asyncio.get_running_loop()
