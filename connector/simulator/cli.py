@@ -174,6 +174,7 @@ def serve(args: argparse.Namespace) -> int:
         print(f"simulator: {exc}" + (f" (set {hint})" if hint else ""), file=sys.stderr)
         return 2
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("aiohttp.access").addFilter(quiet_reads)
     try:
         app = create_app(settings)
     except (OSError, ValueError, KeyError) as exc:
@@ -184,6 +185,11 @@ def serve(args: argparse.Namespace) -> int:
         print=lambda _: print(f"WhatsApp Cloud API simulator on http://{settings.host}:{settings.port}", flush=True),
     )
     return 0
+
+
+def quiet_reads(record: logging.LogRecord) -> bool:
+    """Leaves out of the access log what the page and the bot's clock read twice a second."""
+    return not any(f'"GET {path}' in record.getMessage() for path in ("/_sim/", "/page/", "/ HTTP"))
 
 
 # --- say / show ------------------------------------------------------------------------------
