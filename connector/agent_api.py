@@ -21,6 +21,7 @@ from connector.conversation import history
 from connector.decisions import masked
 from connector.signature import same_secret
 from connector.templates import InvalidTemplate, MissingParameter, parse_mapping
+from connector.window import SuppressReason
 
 logger = logging.getLogger(__name__)
 
@@ -128,7 +129,8 @@ class AgentApi:
             return response.json({"error": str(bad)}, status=400)
         async with self.channel._lock(sender_id):
             record = await self.channel.outbound.deliver(sender_id, message)
-            if record is not None and record.decision == "suppressed" and _unavailable(record.reason):
+            if record is not None and record.decision == "suppressed" and _code(record) == SuppressReason.STATE_UNKNOWN:
+                # the state could not be read or written: worth a retry, not a 409
                 return response.json({"error": "care_window_unknown", "reason": record.reason}, status=503)
             if record is None or record.decision == "suppressed":
                 return response.json(await self.refusal(sender_id, record), status=409)
@@ -176,7 +178,7 @@ class AgentApi:
     async def refusal(self, sender_id: str, record: Optional[OutboundRecord]) -> Dict[str, Any]:
         window = await self.window(sender_id)
         reason = record.reason if record is not None else "nothing in the message could be sent"
-        if record is not None and record.template is None and "no template is mapped" in (record.reason or ""):
+        if record is not None and record.template is None and _code(record) == SuppressReason.NO_TEMPLATE:
             reason = "outside the care window: only a template can reach the customer now"
         return {"error": "care_window_closed", **{k: window[k] for k in (
             "window_open", "expired_at", "opt_in", "templates_left", "templates")}, "reason": reason}
@@ -251,9 +253,9 @@ def _agent_message(body: Dict[str, Any]) -> Tuple[Dict[str, Any], Dict[str, Any]
     return {"custom": custom, "agent": True}, {"custom": custom}
 
 
-def _unavailable(reason: Optional[str]) -> bool:
-    """Suppressed because the state could not be read or written: worth a retry, not a 409."""
-    return bool(reason) and ("care window unknown" in reason or "could not be written" in reason)
+def _code(record: OutboundRecord) -> Optional[SuppressReason]:
+    """A suppression's reason code, as the outbound path returns it with the record."""
+    return getattr(record, "reason_code", None)
 
 
 def _template_names(book: Any) -> list:

@@ -17,6 +17,10 @@ Retry policy (Graph codes, never titles; see errors.py):
   echoed in status webhooks. Only a connection that was never made is retried as transient.
 
 Pacing (pacing.py) happens before every attempt of a message send, per phone number and customer.
+
+Metrics (metrics.py): every attempt's duration by operation (send, mark_read, templates, media),
+every error answer by Graph code (`none` without one, `transport` when no answer came), and
+every retry (`whatsapp_retries_total{kind="send"}`, whatever the request).
 """
 
 import asyncio
@@ -31,6 +35,7 @@ import aiohttp
 
 from connector.config import ChannelConfig
 from connector.errors import GraphError, OutcomeUnknown, TransientError
+from connector.metrics import Metrics
 from connector.pacing import Pacer
 
 logger = logging.getLogger(__name__)
@@ -56,6 +61,7 @@ class CloudApiClient:
         clock: Callable[[], float] = time.monotonic,
         random: Callable[[], float] = _random.random,
         pacer: Optional[Pacer] = None,
+        metrics: Optional[Metrics] = None,
     ) -> None:
         """`pacer` None: a `Pacer()` with Meta's defaults (80 msg/s per number, customer bucket of
         30 refilled every 6 s) on the same clock and sleep; `Pacer.disabled()` turns pacing off."""
@@ -71,6 +77,7 @@ class CloudApiClient:
         self._clock = clock
         self._random = random
         self.pacer = pacer if pacer is not None else Pacer(clock=clock, sleep=sleep)
+        self.metrics = metrics if metrics is not None else Metrics()
         self._session: Optional[aiohttp.ClientSession] = None
         self._session_loop: Optional[asyncio.AbstractEventLoop] = None
         # recipient -> (when, seconds) spent retrying, for the sliding-window budget
@@ -94,7 +101,7 @@ class CloudApiClient:
             payload["biz_opaque_callback_data"] = callback_id
         answer = await self._request(
             "POST", self.messages_url(number), json=payload, idempotent=False,
-            budget_key=f"{number}:{to}", before_attempt=lambda: self.pacer.wait(number, to),
+            budget_key=f"{number}:{to}", before_attempt=lambda: self.pacer.wait(number, to), operation="send",
         )
         try:
             return str(answer["messages"][0]["id"])
@@ -109,16 +116,18 @@ class CloudApiClient:
         if typing_indicator:
             payload["typing_indicator"] = {"type": "text"}
         url = self.messages_url(phone_number_id or self._config.phone_number_id)
-        await self._request_once("POST", url, payload, False, min(5.0, self._config.request_timeout), idempotent=True)
+        await self._request_once("POST", url, payload, False, min(5.0, self._config.request_timeout), idempotent=True,
+                                 operation="mark_read")
 
     async def download_media(self, media_id: str) -> Tuple[bytes, str]:
         """An inbound media's bytes and MIME type: `GET /{version}/{media-id}` gives a short-lived
         URL, which needs the same bearer token."""
-        info = await self._request("GET", f"{self._config.api_url}/{self._config.api_version}/{media_id}")
+        info = await self._request("GET", f"{self._config.api_url}/{self._config.api_version}/{media_id}",
+                                   operation="media")
         url = info.get("url") if isinstance(info, Mapping) else None
         if not isinstance(url, str) or not url:
             raise GraphError(None, f"media {media_id} answer without a url: {str(info)[:200]}")
-        data, content_type = await self._request("GET", url, raw=True)
+        data, content_type = await self._request("GET", url, raw=True, operation="media")
         mime = info.get("mime_type") or content_type or "application/octet-stream"
         return data, str(mime)
 
@@ -129,7 +138,7 @@ class CloudApiClient:
                               "?fields=name,language,status,category,components&limit=100")
         templates: List[Dict[str, Any]] = []
         for _ in range(max_pages):
-            page = await self._request("GET", url)
+            page = await self._request("GET", url, operation="templates")
             templates += [t for t in (page.get("data") or []) if isinstance(t, dict)] if isinstance(page, Mapping) else []
             url = ((page.get("paging") or {}).get("next") if isinstance(page, Mapping) else None) or None
             if url is None:
@@ -198,6 +207,7 @@ class CloudApiClient:
         idempotent: bool = True,
         budget_key: Optional[str] = None,
         before_attempt: Optional[Callable[[], Awaitable[Any]]] = None,
+        operation: str = "other",
     ) -> Any:
         attempt = 1
         timeout = self._config.request_timeout
@@ -207,7 +217,7 @@ class CloudApiClient:
             if before_attempt is not None:
                 await before_attempt()
             try:
-                result = await self._request_once(method, url, json, raw, timeout, idempotent)
+                result = await self._request_once(method, url, json, raw, timeout, idempotent, operation)
             except GraphError as error:
                 if retry_started is not None:
                     spent_here += self._spend(budget_key, retry_started)
@@ -228,6 +238,7 @@ class CloudApiClient:
                     "Cloud API error %s (HTTP %s), retry %d of %d in %.2fs",
                     error.code, error.http_status, attempt, self._max_attempts - 1, delay,
                 )
+                self.metrics.retry("send")
                 retry_started = self._clock()
                 await self._sleep(delay)
                 timeout = min(self._config.request_timeout, max(_MIN_ATTEMPT_SECONDS, left - delay))
@@ -238,6 +249,20 @@ class CloudApiClient:
             return result
 
     async def _request_once(
+        self, method: str, url: str, json: Any, raw: bool, timeout: float, idempotent: bool,
+        operation: str = "other",
+    ) -> Any:
+        """One attempt, timed and its error counted."""
+        started = time.perf_counter()
+        try:
+            return await self._attempt(method, url, json, raw, timeout, idempotent)
+        except GraphError as error:
+            self.metrics.graph_error(error.code, answered=error.http_status is not None)
+            raise
+        finally:
+            self.metrics.graph_request(operation, time.perf_counter() - started)
+
+    async def _attempt(
         self, method: str, url: str, json: Any, raw: bool, timeout: float, idempotent: bool,
     ) -> Any:
         try:
@@ -253,7 +278,8 @@ class CloudApiClient:
                 if response.status >= 400:
                     if response.status >= 500 and not idempotent and not _has_graph_error(body):
                         # a proxy's or gateway's error page: Meta may have taken the message
-                        raise OutcomeUnknown(None, f"HTTP {response.status} without a Graph error")
+                        raise OutcomeUnknown(None, f"HTTP {response.status} without a Graph error",
+                                             http_status=response.status)
                     raise GraphError.from_response(response.status, body)
                 return body
         except aiohttp.ClientConnectorError as error:  # never connected: nothing was sent

@@ -1,5 +1,6 @@
 """Every outbound decision as one structured log line, so that nothing the bot meant to say
-disappears without a trace (the care-window state keeps the records themselves)."""
+disappears without a trace (the care-window state keeps the records themselves). A suppression's
+line carries its `reason_code` (window.SuppressReason), the label of `whatsapp_suppressed_total`."""
 
 import json
 import logging
@@ -20,13 +21,15 @@ def outcome(record: OutboundRecord) -> str:
     return record.status if record.status in ("failed", "unknown") else record.decision
 
 
-def log_decision(record: OutboundRecord) -> None:
+def log_decision(record: OutboundRecord, reason_code: Optional[str] = None) -> None:
+    """`reason_code`: a suppression's code (a `SuppressReason`, which is a str)."""
     kind = outcome(record)
     line = {
         "customer": masked(record.sender_id), "decision": kind, "response": record.response,
         "template": record.template, "wamid": record.wamid, "callback_id": record.callback_id,
-        "code": record.error_code, "reason": record.reason, "window_of": record.window_of,
-        "fallback_of": record.fallback_of,
+        "code": record.error_code, "reason": record.reason,
+        "reason_code": str(getattr(reason_code, "value", reason_code)) if reason_code else None,
+        "window_of": record.window_of, "fallback_of": record.fallback_of,
     }
     level = logging.INFO if kind in ("free_form", "template") else logging.WARNING
     logger.log(level, "whatsapp.outbound %s", json.dumps({k: v for k, v in line.items() if v is not None}))

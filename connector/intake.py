@@ -21,6 +21,7 @@ from typing import Awaitable, Callable, Dict, List, Optional, Sequence, Set
 
 from connector.care_state import CareState, PendingTurn
 from connector.decisions import masked
+from connector.metrics import Metrics
 from connector.ordering import PerSenderQueue
 
 logger = logging.getLogger(__name__)
@@ -52,6 +53,7 @@ class Intake:
         lease_seconds: float = 30.0,
         first_retry_seconds: float = 1.0,
         max_retry_seconds: float = 30.0,
+        metrics: Optional[Metrics] = None,
     ) -> None:
         """`run(turn, again)` hands one turn to Rasa (`again`: an earlier attempt may have sent
         some of its replies); `already_saved(turn)` asks the tracker store whether Rasa saved it."""
@@ -64,6 +66,8 @@ class Intake:
         self.lease_seconds = lease_seconds
         self.first_retry_seconds = first_retry_seconds
         self.max_retry_seconds = max_retry_seconds
+        self.metrics = metrics if metrics is not None else Metrics()
+        """Counts each turn retry (`whatsapp_retries_total{kind="turn"}`)."""
         self.owner = ""
         """This instance's name in the inbox (host:port): the next start of it takes over at once."""
         self.stopping = False
@@ -150,6 +154,7 @@ class Intake:
                                      turn.key, masked(turn.sender_id), attempt, reason)
                         return
                     delay = min(self.first_retry_seconds * 2 ** (attempt - 1), self.max_retry_seconds)
+                    self.metrics.retry("turn")
                     logger.warning("Message %s of %s: attempt %d of %d failed (%s); again in %.0f s",
                                    turn.key, masked(turn.sender_id), attempt, self.attempts, reason, delay)
                     await asyncio.sleep(delay)

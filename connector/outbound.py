@@ -12,6 +12,8 @@ record here, and so do the fallbacks that Meta's 131047 calls for.
   before it is sent again, so it is neither lost nor doubled.
 - A `failed` status with 131047 closes the window that message answered and delivers the same
   bot message again under the closed window: its template, or a recorded suppression.
+- Each decision is logged (decisions.py) and counted (metrics.py) once, as the send ended: a
+  suppression with its reason code, which `deliver` returns with the record (`Suppression`).
 """
 
 import asyncio
@@ -20,22 +22,25 @@ import json
 import logging
 import time
 import uuid
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any, Awaitable, Callable, Dict, Iterable, List, Optional, Tuple
 
 from connector.care_state import SENT_STATUSES, CareState, CareStateBackend, CustomerState, OutboundRecord, Pricing, unwrap
 from connector.care_state.records import dump_json
 from connector.config import ChannelConfig
-from connector.decisions import log_decision, masked
+from connector.decisions import log_decision, masked, outcome
 from connector.errors import (
     GraphError, MarketingStopped, OutcomeUnknown, ReEngagementRequired, TemplateUnavailable, meaning,
 )
+from connector.metrics import Metrics
 from connector.payloads import StatusUpdate
 from connector.render import Rendered, numbered_choice, render
 from connector.tracker_reads import TrackerReader
 from connector.template_status import NOT_SENT
 from connector.templates import MissingParameter, TemplateBook
-from connector.window import Decision, Outbound, SendFreeForm, SendTemplate, Suppress, WindowFacts, decide
+from connector.window import (
+    Decision, Outbound, SendFreeForm, SendTemplate, Suppress, SuppressReason, WindowFacts, decide,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +51,14 @@ class Stores:
 
     state: CareState
     tracker_store: Any
+
+
+@dataclass(frozen=True)
+class Suppression(OutboundRecord):
+    """A suppression as `deliver` returns it: the record as stored, and its reason code, which
+    the state does not keep (it goes to the metrics, the decision log and the agent API)."""
+
+    reason_code: Optional[SuppressReason] = None
 
 
 class OutboundPath:
@@ -59,6 +72,7 @@ class OutboundPath:
         status_wait_seconds: float = 10.0,
         choices_seconds: float = 3600.0,
         meta_templates: Optional[Any] = None,
+        metrics: Optional[Metrics] = None,
     ) -> None:
         self.config = config
         self.client = client
@@ -70,6 +84,7 @@ class OutboundPath:
         self.choices_seconds = choices_seconds
         self.meta_templates = meta_templates
         """Which templates Meta will not send now (template_status.py); None: Meta decides at send."""
+        self.metrics = metrics if metrics is not None else Metrics()
 
     # --- the window --------------------------------------------------------------------------
 
@@ -158,7 +173,7 @@ class OutboundPath:
             return await self._send_free_form(base, rendered, number, in_flight_inbound_at, again)
         if isinstance(decision, SendTemplate):
             return await self._send_template(replace(base, template=decision.name, reason=decision.stands_in), decision, number)
-        return await self._suppress(base, decision.reason)
+        return await self._suppress(base, decision.code, decision.reason)
 
     async def _sendable(self, sender_id: str, decision: SendTemplate, book: TemplateBook,
                         values: Dict[str, Any]) -> Decision:
@@ -169,29 +184,32 @@ class OutboundPath:
             return decision
         try:
             known = await self.meta_templates.known()
-            why = await self._not_sendable(sender_id, decision.name, decision.language, known)
-            if why is None:
+            not_sendable = await self._not_sendable(sender_id, decision.name, decision.language, known)
+            if not_sendable is None:
                 return decision
+            code, why = not_sendable  # the mapped template's reason, also when the fallback fails
             fallback = book.fallback
             if fallback is None or fallback.name == decision.name or \
                     await self._not_sendable(sender_id, fallback.name, fallback.language, known):
-                return Suppress(f"outside the care window and {why}")
+                return Suppress(code, f"outside the care window and {why}")
         except Exception as error:  # Meta still refuses what it will not send
             logger.error("Template states unreadable (%s: %s): trying %s", type(error).__name__, error, decision.name)
             return decision
         try:
             return SendTemplate(fallback.name, fallback.language, fallback.components(values), stands_in=why)
         except MissingParameter as missing:
-            return Suppress(f"outside the care window and {why}, and the fallback template {fallback.name} cannot be filled: {missing}")
+            return Suppress(code, f"outside the care window and {why}, and the fallback template {fallback.name} cannot be filled: {missing}")
 
-    async def _not_sendable(self, sender_id: str, name: str, language: str, known: Dict[Any, Any]) -> Optional[str]:
+    async def _not_sendable(self, sender_id: str, name: str, language: str,
+                            known: Dict[Any, Any]) -> Optional[Tuple[SuppressReason, str]]:
         template = known.get((name, language))
         if template is None:
             return None
         if template.status in NOT_SENT:
-            return f"template {name} ({language}) is {template.status} at Meta"
+            return SuppressReason.TEMPLATE_UNAVAILABLE, f"template {name} ({language}) is {template.status} at Meta"
         if template.category == "MARKETING" and await self.stores().state.marketing_stopped(sender_id):
-            return f"the customer stopped marketing messages and template {name} ({language}) is MARKETING"
+            return (SuppressReason.MARKETING_STOPPED,
+                    f"the customer stopped marketing messages and template {name} ({language}) is MARKETING")
         return None
 
     async def _decided_before(self, record: OutboundRecord) -> bool:
@@ -234,7 +252,7 @@ class OutboundPath:
                 result = replace(record, status="unknown")
                 continue
             result = replace(record, wamid=wamid, status="accepted")
-            log_decision(result)
+            self._decided(result)
         return result
 
     async def _send_resolving_unknown(self, record: OutboundRecord, part: Dict[str, Any], number: Optional[str]) -> Optional[str]:
@@ -248,10 +266,14 @@ class OutboundPath:
                 await self._best_effort(state.update_outbound("unknown", callback_id=record.callback_id), "mark unknown", record)
                 logger.warning("Sending %s to %s: %s", record.callback_id, masked(record.sender_id), error.message)
                 status = await self._wait_for_status(record.callback_id)
-                if status is not None:
+                if status in SENT_STATUSES:  # Meta took it after all
+                    self._decided(replace(record, status=status))
+                    return None
+                if status is not None:  # failed: its status webhook logs it
+                    self.metrics.decided("failed")
                     return None
                 if attempt == 2:
-                    log_decision(replace(record, status="unknown", reason=error.message))
+                    self._decided(replace(record, status="unknown", reason=error.message))
                     return None
                 continue
             return wamid  # the record learns it from Meta's `sent` status (found by callback id)
@@ -278,17 +300,19 @@ class OutboundPath:
             reserved = await state.reserve_template(record, limit)
         except Exception as error:
             return await self._suppress(
-                base, f"outside the care window and the template reservation could not be written ({type(error).__name__})")
+                base, SuppressReason.STATE_UNKNOWN,
+                f"outside the care window and the template reservation could not be written ({type(error).__name__})")
         if not reserved:
             return await self._suppress(
-                base, f"outside the care window and {limit} template(s) already sent since it lapsed (limit {limit})")
+                base, SuppressReason.TEMPLATE_LIMIT,
+                f"outside the care window and {limit} template(s) already sent since it lapsed (limit {limit})")
         try:
             wamid = await self.client.send_message(record.sender_id, decision.message(), phone_number_id=number,
                                                    callback_id=record.callback_id)
         except OutcomeUnknown as error:  # stays reserved: never sent twice; its status settles it
             await self._best_effort(state.update_outbound("unknown", callback_id=record.callback_id), "mark unknown", record)
             unknown = replace(record, status="unknown", reason=error.message)
-            log_decision(unknown)
+            self._decided(unknown)
             return unknown
         except GraphError as error:  # Meta answered: it did not take the template
             await self._best_effort(state.release_template(record), "release the reservation of", record)
@@ -297,14 +321,19 @@ class OutboundPath:
                                         "note the template state of", record)
             return await self._failed(record, error)
         accepted = replace(record, wamid=wamid, status="accepted")
-        log_decision(accepted)
+        self._decided(accepted)
         return accepted
 
-    async def _suppress(self, base: OutboundRecord, reason: str) -> OutboundRecord:
+    async def _suppress(self, base: OutboundRecord, code: SuppressReason, reason: str) -> Suppression:
         record = _new(base, decision="suppressed", status="suppressed", reason=reason)
-        log_decision(record)  # logged even when the state cannot take it
+        self._decided(record, code)  # logged and counted even when the state cannot take it
         await self._best_effort(self.stores().state.add_outbound(record), "store the suppression of", record)
-        return record
+        return Suppression(**{f.name: getattr(record, f.name) for f in fields(OutboundRecord)}, reason_code=code)
+
+    def _decided(self, record: OutboundRecord, reason_code: Optional[SuppressReason] = None) -> None:
+        """The decision's log line and its count, once per decision."""
+        log_decision(record, reason_code)
+        self.metrics.decided(outcome(record), reason_code)
 
     async def _failed(self, record: OutboundRecord, error: GraphError) -> OutboundRecord:
         reason = meaning(error.code) or error.message
@@ -313,7 +342,7 @@ class OutboundPath:
             self.stores().state.update_outbound("failed", callback_id=record.callback_id, error_code=error.code, reason=reason),
             "store the failure of", record)
         failed = replace(record, status="failed", error_code=error.code, reason=reason)
-        log_decision(failed)
+        self._decided(failed)
         return failed
 
     async def _meta_refused(self, record: OutboundRecord, error: Optional[GraphError]) -> None:
@@ -346,13 +375,18 @@ class OutboundPath:
         if failed:
             logger.warning("Message %s to %s failed: code=%s %s", status.wamid, masked(status.recipient_id),
                            error.code if error else None, kwargs.get("reason"))
+            for item in status.errors or (None,):
+                self.metrics.graph_error(item.code if item is not None else None)
         if status.status == "sent" and status.biz_opaque_callback_data and \
                 (status.pricing_category or status.billable is not None):
+            pricing = Pricing(status.pricing_category, status.billable, status.pricing_type)
             try:  # what the message costs, for the conversation views (one write: the later statuses repeat it)
-                await state.set_pricing(status.biz_opaque_callback_data,
-                                        Pricing(status.pricing_category, status.billable, status.pricing_type))
+                first = await state.run(_store_pricing, state.backend, status.biz_opaque_callback_data, pricing)
             except Exception as problem:
                 logger.error("Pricing of %s not stored: %s: %s", status.wamid, type(problem).__name__, problem)
+            else:
+                if first and (pricing.billable or (pricing.billable is None and pricing.pricing_type == "regular")):
+                    self.metrics.billable(pricing.category)
         record = await state.update_outbound(status.status, **kwargs)
         if record is None or not failed:
             return
@@ -392,6 +426,13 @@ def _closed_window_reads(
         customer = replace(customer, last_inbound_at=int(stored[0]), reply_number=stored[1])
     window_of = int(_facts(customer, in_flight_inbound_at).last_inbound_at or 0)
     return customer, backend.templates_reserved(customer.sender_id, window_of), reader.latest_slots(slots)
+
+
+def _store_pricing(backend: CareStateBackend, callback_id: str, pricing: Pricing) -> bool:
+    """Blocking. Whether this is the first pricing stored for the message (counted once)."""
+    first = callback_id not in backend.pricing_of([callback_id])
+    backend.set_pricing(callback_id, pricing)
+    return first
 
 
 def _facts(customer: CustomerState, in_flight_inbound_at: Optional[float]) -> WindowFacts:

@@ -3,10 +3,12 @@
 WhatsApp's rules: a window opens when the customer writes and ends 24 h after their LAST message
 (WhatsApp's timestamp). Inside it anything may be sent. Outside it only an approved template may
 go out, one per lapsed window, and only to a customer who opted in. Everything that may not go
-out is suppressed with a reason, so it can be recorded.
+out is suppressed with a reason, so it can be recorded: a code from a small fixed set
+(`SuppressReason`, for metrics, logs and the agent API) and a sentence for people.
 """
 
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 from connector.templates import MissingParameter, TemplateBook
@@ -87,8 +89,30 @@ class SendTemplate:
         return {"type": "template", "template": template}
 
 
+class SuppressReason(str, Enum):
+    """Why a bot message was suppressed: a small fixed set, so it can label a metric. The
+    sentence beside it (`Suppress.reason`) says the details (names, numbers) for people."""
+
+    NO_OPT_IN = "no_opt_in"
+    """Outside the window and the customer has not opted in to templates."""
+    TEMPLATE_LIMIT = "template_limit"
+    """Outside the window and the lapsed window's templates are used up (one per lapsed window)."""
+    NO_TEMPLATE = "no_template"
+    """Outside the window and no template is mapped for the response (nor a fallback)."""
+    TEMPLATE_UNFILLABLE = "template_unfillable"
+    """Outside the window and the template's parameters cannot all be filled."""
+    TEMPLATE_UNAVAILABLE = "template_unavailable"
+    """Outside the window and the template is PAUSED, DISABLED or REJECTED at Meta."""
+    MARKETING_STOPPED = "marketing_stopped"
+    """Outside the window, the template is MARKETING and the customer stopped marketing messages."""
+    STATE_UNKNOWN = "state_unknown"
+    """The care-window state could not be read, or a template reservation written: nothing is
+    provably allowed (worth a retry)."""
+
+
 @dataclass(frozen=True)
 class Suppress:
+    code: SuppressReason
     reason: str
     kind = "suppressed"
 
@@ -106,20 +130,21 @@ def decide(
     if facts.is_open(now, policy):
         return SendFreeForm()
     if facts.unknown:
-        return Suppress(f"care window unknown: {facts.unknown}")
+        return Suppress(SuppressReason.STATE_UNKNOWN, f"care window unknown: {facts.unknown}")
 
     mapping = None
     if outbound.template is None:
         mapping = templates.for_response(outbound.response)
         if mapping is None:
             what = outbound.response or "a message without a response name"
-            return Suppress(f"outside the care window and no template is mapped for {what}")
+            return Suppress(SuppressReason.NO_TEMPLATE, f"outside the care window and no template is mapped for {what}")
 
     opted_in = facts.opt_in is True or (policy.opt_in_collected_elsewhere and facts.opt_in is not False)
     if not opted_in:
-        return Suppress("outside the care window and the customer has not opted in")
+        return Suppress(SuppressReason.NO_OPT_IN, "outside the care window and the customer has not opted in")
     if facts.templates_sent >= policy.templates_per_lapsed_window:
         return Suppress(
+            SuppressReason.TEMPLATE_LIMIT,
             f"outside the care window and {facts.templates_sent} template(s) already sent "
             f"since it lapsed (limit {policy.templates_per_lapsed_window})"
         )
@@ -133,5 +158,6 @@ def decide(
     try:
         components = mapping.components(outbound.values)
     except MissingParameter as missing:
-        return Suppress(f"outside the care window and template {mapping.name} cannot be filled: {missing}")
+        return Suppress(SuppressReason.TEMPLATE_UNFILLABLE,
+                        f"outside the care window and template {mapping.name} cannot be filled: {missing}")
     return SendTemplate(mapping.name, mapping.language, components)
