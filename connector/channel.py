@@ -2,6 +2,7 @@
 the Cloud API client."""
 
 import asyncio
+import functools
 import json
 import logging
 import socket
@@ -27,6 +28,7 @@ from connector.errors import GraphError
 from connector.handoff import Handoffs, install as install_handoffs
 from connector.inbound import rasa_metadata, rasa_text
 from connector.intake import Busy, Intake
+from connector.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, Metrics
 from connector.opt_out import OptOuts
 from connector.ordering import PerSenderQueue
 from connector.outbound import OutboundPath, Stores
@@ -102,17 +104,21 @@ class WhatsAppInput(InputChannel):
         self.config = config
         pacing = dict(config.pacing)
         pacer = Pacer(**{**pacing, "customer_burst": int(pacing["customer_burst"])})
-        self.client = CloudApiClient(config, pacer=pacer, retry_budget_seconds=config.retry_budget_seconds)
+        self.metrics = Metrics()
+        """This channel's Prometheus metrics (a registry of its own), at GET /webhooks/whatsapp/metrics."""
+        self.client = CloudApiClient(config, pacer=pacer, retry_budget_seconds=config.retry_budget_seconds,
+                                     metrics=self.metrics)
         self.clock = SimulatorClock(config.simulator_clock_url) if config.simulator_clock_url else SystemClock()
+        self._clock_follower: Optional["asyncio.Task[None]"] = None
         self.turns = PerSenderQueue()
         self.state: Optional[CareState] = None
         """Made at startup from Rasa's tracker store (see `open_state`)."""
         self.opt_outs = OptOuts(config.opt_in_slot, self._stores, self._lock)
         self.meta_templates = MetaTemplates(config, self.client, lambda: self._stores().state, self.clock.now)
         self.outbound = OutboundPath(config, self.client, self.clock.now, self._stores, self.opt_outs.counts_as_opted_out,
-                                     meta_templates=self.meta_templates)
+                                     meta_templates=self.meta_templates, metrics=self.metrics)
         self.intake = Intake(lambda: self._stores().state, self.turns, self._run_turn, self._already_saved,
-                             max_in_flight=config.max_in_flight, attempts=config.turn_attempts)
+                             max_in_flight=config.max_in_flight, attempts=config.turn_attempts, metrics=self.metrics)
         self.desk = Desk(config.handoff_webhook_url, config.agent_token, lambda: self._stores().state, self.clock.now,
                          config.desk_backlog_limit)
         self.handoffs = Handoffs(config, self._stores, self.clock.now, self.desk)
@@ -164,6 +170,8 @@ class WhatsAppInput(InputChannel):
         await self.intake.start(owner)
         self.desk.start(owner)
         self.handoffs.start()
+        if isinstance(self.clock, SimulatorClock):  # time travel: reminders follow the simulator's jumps
+            self._clock_follower = asyncio.get_running_loop().create_task(self.clock.follow())
         self._ready.set()
         logger.info("WhatsApp care-window state and inbox: %s; this instance is %s", type(state.backend).__name__, owner)
 
@@ -193,6 +201,7 @@ class WhatsAppInput(InputChannel):
             return response.text(request.args.get("hub.challenge") or "")
 
         @bp.post("/webhook")
+        @self._timed
         async def receive(request: Request) -> HTTPResponse:
             self.app = request.app
             body = request.body or b""
@@ -230,6 +239,15 @@ class WhatsAppInput(InputChannel):
             self.app = request.app
             return response.json(await self.window_view(sender_id))
 
+        @bp.get("/metrics")
+        async def metrics(request: Request) -> HTTPResponse:
+            """Prometheus metrics of this instance, behind the same token as the conversation view."""
+            if not self.config.api_token:
+                return response.json({"error": "set api_token in the channel's credentials"}, status=404)
+            if not same_secret(self.config.api_token, self._token(request)):
+                return response.json({"error": "unauthorized"}, status=401)
+            return HTTPResponse(self.metrics.exposition(), content_type=METRICS_CONTENT_TYPE)
+
         @bp.get("/intake")
         async def intake(request: Request) -> HTTPResponse:
             """What this instance holds and has refused: for operators and load tests."""
@@ -259,6 +277,8 @@ class WhatsAppInput(InputChannel):
         @bp.listener("after_server_stop")
         async def close_client(*_: Any) -> None:
             await self.client.close()
+            if self._clock_follower is not None:
+                self._clock_follower.cancel()
             if isinstance(self.clock, SimulatorClock):
                 await self.clock.close()
             if self.state is not None:
@@ -267,11 +287,25 @@ class WhatsAppInput(InputChannel):
         return bp
 
     async def window_view(self, sender_id: str) -> Dict[str, Any]:
+        """One customer's care window, decisions and inbox as this channel sees them. Times are the
+        channel's clock in epoch seconds, each with an ISO 8601 UTC twin (`now_iso`, `at_iso`, ...).
+
+        `templates_left` is what the window's allowance still holds: inside the window the templates
+        that may go out once it lapses (`templates_per_lapsed_window` unless the clock was turned
+        back after one went out for this very window), outside it those that may go out now."""
+        from datetime import datetime, timezone
+
+        def iso(ts: Optional[float]) -> Optional[str]:
+            if ts is None:
+                return None
+            return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
         now = await self.clock.now()
         policy = self.config.care_window
         facts, _, customer = await self.outbound.facts(sender_id, now, always_read_slots=True)
         is_open = facts.is_open(now, policy)
         expires_at = facts.expires_at(now)
+        expires_at = expires_at - policy.margin_seconds if is_open and expires_at else None
         try:
             records = await self.state.recent_outbound(sender_id, 50)
             inbox = await self.state.turns_of(sender_id, 20)
@@ -283,9 +317,12 @@ class WhatsAppInput(InputChannel):
         return {
             "sender_id": sender_id,
             "now": now,
+            "now_iso": iso(now),
             "window_open": is_open,
             "last_inbound_at": facts.last_inbound_at,
-            "expires_at": expires_at - policy.margin_seconds if is_open and expires_at else None,
+            "last_inbound_at_iso": iso(facts.last_inbound_at),
+            "expires_at": expires_at,
+            "expires_at_iso": iso(expires_at),
             "margin_seconds": policy.margin_seconds,
             "closed_by_meta_for": facts.closed_for_inbound,
             "opt_in": facts.opt_in,
@@ -295,16 +332,17 @@ class WhatsAppInput(InputChannel):
             "reply_number": customer.reply_number if customer else None,
             "unknown": facts.unknown,
             "records": [
-                {"kind": outcome(r), "decision": r.decision, "status": r.status, "at": r.at, "window_of": r.window_of,
-                 "response": r.response, "template": r.template, "wamid": r.wamid, "callback_id": r.callback_id,
-                 "code": r.error_code, "reason": r.reason, "fallback_of": r.fallback_of,
+                {"kind": outcome(r), "decision": r.decision, "status": r.status, "at": r.at, "at_iso": iso(r.at),
+                 "window_of": r.window_of, "response": r.response, "template": r.template,
+                 "text": (r.rendered_with or {}).get("text"), "wamid": r.wamid,
+                 "callback_id": r.callback_id, "code": r.error_code, "reason": r.reason, "fallback_of": r.fallback_of,
                  "pricing_category": pricing[r.callback_id].category if r.callback_id in pricing else None,
                  "billable": pricing[r.callback_id].billable if r.callback_id in pricing else None}
                 for r in reversed(records)
             ],
             "inbox": [
                 {"message_id": t.key, "state": t.state, "attempts": t.attempts, "error": t.error,
-                 "received_at": t.received_at, "text": t.text}
+                 "received_at": t.received_at, "received_at_iso": iso(t.received_at), "text": t.text}
                 for t in reversed(inbox)
             ],
         }
@@ -317,6 +355,19 @@ class WhatsAppInput(InputChannel):
         self.refused += 1
         logger.warning("Webhook refused with 503 (Meta delivers it again later): %s", why)
         return response.text(why, status=503)
+
+    def _timed(self, handler: Callable[[Request], Awaitable[HTTPResponse]]) -> Callable[[Request], Awaitable[HTTPResponse]]:
+        """The webhook handler, its time from the request's arrival to the answer measured."""
+
+        @functools.wraps(handler)
+        async def timed(request: Request) -> HTTPResponse:
+            started = time.perf_counter()
+            try:
+                return await handler(request)
+            finally:
+                self.metrics.webhook_acked(time.perf_counter() - started)
+
+        return timed
 
     async def _dispatch(self, webhook: Webhook) -> HTTPResponse:
         """The customer's messages into the inbox, all or none, before the 200; then the rest.
@@ -337,7 +388,10 @@ class WhatsAppInput(InputChannel):
         except Exception as error:
             return self._refuse(f"the inbox could not be written ({type(error).__name__}: {error})")
         for turn in turns:
-            if turn.key not in accepted:
+            if turn.key in accepted:
+                self.metrics.inbound(turn.metadata["whatsapp"].get("type"))
+            else:
+                self.metrics.duplicate()
                 logger.info("Message %s of %s delivered again: done or being handled, not handled twice",
                             turn.key, masked(turn.sender_id))
         for item in items:
