@@ -253,9 +253,10 @@ def _agent_message(body: Dict[str, Any]) -> Tuple[Dict[str, Any], Dict[str, Any]
     return {"custom": custom, "agent": True}, {"custom": custom}
 
 
-def _code(record: OutboundRecord) -> Optional[SuppressReason]:
-    """A suppression's reason code, as the outbound path returns it with the record."""
-    return getattr(record, "reason_code", None)
+def _code(record: OutboundRecord) -> Optional[str]:
+    """A suppression's reason code (a `SuppressReason` value, which compares equal to it), kept
+    on its record."""
+    return record.reason_code
 
 
 def _template_names(book: Any) -> list:

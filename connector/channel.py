@@ -335,7 +335,7 @@ class WhatsAppInput(InputChannel):
                 {"kind": outcome(r), "decision": r.decision, "status": r.status, "at": r.at, "at_iso": iso(r.at),
                  "window_of": r.window_of, "response": r.response, "template": r.template,
                  "text": (r.rendered_with or {}).get("text"), "wamid": r.wamid,
-                 "callback_id": r.callback_id, "code": r.error_code, "reason": r.reason, "fallback_of": r.fallback_of,
+                 "callback_id": r.callback_id, "code": r.error_code, "reason": r.reason, "reason_code": r.reason_code, "fallback_of": r.fallback_of,
                  "pricing_category": pricing[r.callback_id].category if r.callback_id in pricing else None,
                  "billable": pricing[r.callback_id].billable if r.callback_id in pricing else None}
                 for r in reversed(records)

@@ -58,7 +58,7 @@ def history(events: Iterable[Any], records: Iterable[OutboundRecord], limit: int
             "type": "template" if record.decision == "template" else _type(shown),
             "text": shown.get("text"), "template": record.template, "response": record.response,
             "decision": outcome(record), "status": record.status, "reason": record.reason,
-            "code": record.error_code, "wamid": record.wamid,
+            "reason_code": record.reason_code, "code": record.error_code, "wamid": record.wamid,
         })
     messages.sort(key=lambda message: message["at"] or 0)
     return messages[-limit:]

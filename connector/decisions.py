@@ -1,6 +1,7 @@
 """Every outbound decision as one structured log line, so that nothing the bot meant to say
 disappears without a trace (the care-window state keeps the records themselves). A suppression's
-line carries its `reason_code` (window.SuppressReason), the label of `whatsapp_suppressed_total`."""
+line carries its record's `reason_code` (a window.SuppressReason value), the label of
+`whatsapp_suppressed_total`."""
 
 import json
 import logging
@@ -21,9 +22,10 @@ def outcome(record: OutboundRecord) -> str:
     return record.status if record.status in ("failed", "unknown") else record.decision
 
 
-def log_decision(record: OutboundRecord, reason_code: Optional[str] = None) -> None:
-    """`reason_code`: a suppression's code (a `SuppressReason`, which is a str)."""
+def log_decision(record: OutboundRecord) -> None:
+    """The record's decision as one line; a suppression with its `reason_code`, read from the record."""
     kind = outcome(record)
+    reason_code = record.reason_code
     line = {
         "customer": masked(record.sender_id), "decision": kind, "response": record.response,
         "template": record.template, "wamid": record.wamid, "callback_id": record.callback_id,

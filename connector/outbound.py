@@ -13,7 +13,8 @@ record here, and so do the fallbacks that Meta's 131047 calls for.
 - A `failed` status with 131047 closes the window that message answered and delivers the same
   bot message again under the closed window: its template, or a recorded suppression.
 - Each decision is logged (decisions.py) and counted (metrics.py) once, as the send ended: a
-  suppression with its reason code, which `deliver` returns with the record (`Suppression`).
+  suppression with its reason code, which its record keeps (`OutboundRecord.reason_code`, stored
+  with it, so the views and the agent API see it too).
 """
 
 import asyncio
@@ -22,7 +23,7 @@ import json
 import logging
 import time
 import uuid
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from typing import Any, Awaitable, Callable, Dict, Iterable, List, Optional, Tuple
 
 from connector.care_state import SENT_STATUSES, CareState, CareStateBackend, CustomerState, OutboundRecord, Pricing, unwrap
@@ -51,14 +52,6 @@ class Stores:
 
     state: CareState
     tracker_store: Any
-
-
-@dataclass(frozen=True)
-class Suppression(OutboundRecord):
-    """A suppression as `deliver` returns it: the record as stored, and its reason code, which
-    the state does not keep (it goes to the metrics, the decision log and the agent API)."""
-
-    reason_code: Optional[SuppressReason] = None
 
 
 class OutboundPath:
@@ -324,16 +317,17 @@ class OutboundPath:
         self._decided(accepted)
         return accepted
 
-    async def _suppress(self, base: OutboundRecord, code: SuppressReason, reason: str) -> Suppression:
-        record = _new(base, decision="suppressed", status="suppressed", reason=reason)
-        self._decided(record, code)  # logged and counted even when the state cannot take it
+    async def _suppress(self, base: OutboundRecord, code: SuppressReason, reason: str) -> OutboundRecord:
+        record = _new(base, decision="suppressed", status="suppressed", reason=reason,
+                      reason_code=SuppressReason(code).value)
+        self._decided(record)  # logged and counted even when the state cannot take it
         await self._best_effort(self.stores().state.add_outbound(record), "store the suppression of", record)
-        return Suppression(**{f.name: getattr(record, f.name) for f in fields(OutboundRecord)}, reason_code=code)
+        return record
 
-    def _decided(self, record: OutboundRecord, reason_code: Optional[SuppressReason] = None) -> None:
-        """The decision's log line and its count, once per decision."""
-        log_decision(record, reason_code)
-        self.metrics.decided(outcome(record), reason_code)
+    def _decided(self, record: OutboundRecord) -> None:
+        """The decision's log line and its count (a suppression's with its record's code), once per decision."""
+        log_decision(record)
+        self.metrics.decided(outcome(record), record.reason_code)
 
     async def _failed(self, record: OutboundRecord, error: GraphError) -> OutboundRecord:
         reason = meaning(error.code) or error.message

@@ -16,6 +16,7 @@ from rasa.shared.core.domain import Domain
 from connector.care_state import (
     CareState, DeskEvent, OutboundRecord, PendingTurn, Pricing, TemplateState, UnsupportedTrackerStore, backend_for,
 )
+from connector.care_state import sql
 from connector.care_state.sql import SchemaError, SqlBackend
 from tests.services import postgres_settings, redis_settings
 
@@ -137,6 +138,24 @@ def test_recent_records_newest_first(backend, sender):
     for r in records:
         backend.add_outbound(r)
     assert [r.callback_id for r in backend.recent_outbound(sender, 3)] == [r.callback_id for r in records[::-1][:3]]
+
+
+def test_a_suppressions_reason_code_is_stored_with_its_record(backend, sender):
+    suppressed = record(sender, decision="suppressed", template=None, status="suppressed",
+                        reason="outside the care window and the customer has not opted in", reason_code="no_opt_in")
+    sent = record(sender, decision="free_form", template=None, created_at=suppressed.created_at + 1)
+    backend.add_outbound(suppressed)
+    backend.add_outbound(sent)
+    assert backend.outbound(suppressed.callback_id) == suppressed
+    assert backend.outbound(sent.callback_id).reason_code is None
+    assert [(r.callback_id, r.reason_code) for r in backend.recent_outbound(sender, 2)] == [
+        (sent.callback_id, None), (suppressed.callback_id, "no_opt_in")]
+    # a later status (of a record that was written with a code) keeps it
+    limited = record(sender, reason_code="template_limit", created_at=sent.created_at + 1)
+    assert backend.reserve_template(limited, limit=1)
+    failed = backend.update_outbound("failed", callback_id=limited.callback_id, error_code=131047, reason="closed")
+    assert (failed.reason_code, failed.error_code) == ("template_limit", 131047)
+    assert backend.outbound(limited.callback_id).reason_code == "template_limit"
 
 
 def turn(sender, n, timestamp=1_700_000_000, number="106540352242922"):
@@ -618,6 +637,124 @@ def test_tables_that_cannot_be_created_fail_with_the_ddl(tmp_path):
     assert "CREATE TABLE whatsapp_customers" in message and "CREATE TABLE whatsapp_outbound" in message
     assert "CREATE TABLE whatsapp_templates" in message
     assert "CREATE TABLE whatsapp_marketing_stops" in message and "CREATE TABLE whatsapp_pricing" in message
+    assert "README" in message
+
+
+# `whatsapp_outbound` as the versions before `reason_code` made it (README, 'Care-window state')
+OLD_OUTBOUND = """CREATE TABLE whatsapp_outbound (callback_id VARCHAR(64) NOT NULL, sender_id VARCHAR(255) NOT NULL,
+  decision VARCHAR(16) NOT NULL, window_of BIGINT NOT NULL, at FLOAT(53) NOT NULL,
+  created_at FLOAT(53) NOT NULL, response VARCHAR(255), template VARCHAR(512), rendered_with TEXT,
+  choices TEXT, wamid VARCHAR(255), status VARCHAR(16) NOT NULL, status_rank INTEGER NOT NULL,
+  error_code INTEGER, reason TEXT, fallback_of VARCHAR(64), PRIMARY KEY (callback_id))"""
+OLD_ROW = """INSERT INTO whatsapp_outbound (callback_id, sender_id, decision, window_of, at, created_at, response,
+  rendered_with, wamid, status, status_rank) VALUES ('old-1', :sender, 'free_form', 1700000000, 1700000100.5,
+  1700000100.5, 'utter_greet', '{"text":"Hi!"}', 'wamid.old1', 'accepted', 1)"""
+ADD_REASON_CODE = "ALTER TABLE whatsapp_outbound ADD COLUMN reason_code VARCHAR(32)"
+
+
+def old_outbound_table(engine, sender):
+    with engine.begin() as connection:
+        connection.execute(sa.text(OLD_OUTBOUND))
+        connection.execute(sa.text(OLD_ROW), {"sender": sender})
+
+
+def outbound_columns(engine):
+    return [column["name"] for column in sa.inspect(engine).get_columns("whatsapp_outbound")]
+
+
+def assert_upgraded(backend, sender):
+    assert "reason_code" in outbound_columns(backend.engine)
+    (old,) = backend.recent_outbound(sender, 10)
+    assert (old.callback_id, old.decision, old.status, old.wamid, old.reason_code) == (
+        "old-1", "free_form", "accepted", "wamid.old1", None)
+    assert old.rendered_with == {"text": "Hi!"} and old.at == 1700000100.5
+    new = record(sender, decision="suppressed", template=None, status="suppressed", reason_code="no_template")
+    backend.add_outbound(new)
+    assert backend.outbound(new.callback_id).reason_code == "no_template"
+    assert backend.update_outbound("delivered", wamid="wamid.old1").reason_code is None  # its statuses go on
+
+
+@pytest.mark.parametrize("upsert", [True, False])
+def test_a_table_from_before_reason_code_gets_the_column_and_keeps_its_rows(tmp_path, sender, upsert, caplog):
+    store = tracker_store("sqlite", tmp_path)
+    old_outbound_table(store.engine, sender)
+    assert "reason_code" not in outbound_columns(store.engine)
+    backend = backend_for(store)
+    if not upsert:
+        backend.on_conflict = None
+    with caplog.at_level(logging.INFO, logger="connector.care_state.sql"):
+        backend.create_schema()
+    assert "Added column reason_code to whatsapp_outbound" in caplog.text
+    backend.create_schema()  # a second start finds it in place
+    assert outbound_columns(store.engine).count("reason_code") == 1
+    assert_upgraded(backend, sender)
+
+
+@pytest.mark.services
+def test_a_postgresql_table_from_before_reason_code_gets_the_column_and_keeps_its_rows(sender):
+    """In a schema of its own: the shared database's tables are in use by other tests."""
+    schema = f"upgrade_{uuid.uuid4().hex[:12]}"
+    settings = postgres_settings()
+    url = sa.engine.URL.create("postgresql", username=settings["username"], password=settings["password"],
+                               host=settings["host"], port=settings["port"], database=settings["db"])
+    admin = sa.create_engine(url)
+    with admin.begin() as connection:
+        connection.execute(sa.text(f"CREATE SCHEMA {schema}"))
+    engine = sa.create_engine(url, connect_args={"options": f"-csearch_path={schema}"})
+    try:
+        old_outbound_table(engine, sender)
+        assert "reason_code" not in outbound_columns(engine)
+        backend = SqlBackend(engine)
+        backend.create_schema()
+        backend.create_schema()
+        assert_upgraded(backend, sender)
+    finally:
+        engine.dispose()
+        with admin.begin() as connection:
+            connection.execute(sa.text(f"DROP SCHEMA {schema} CASCADE"))
+        admin.dispose()
+
+
+@pytest.mark.services
+def test_the_shared_postgresql_table_has_the_column_once_the_backend_started(tmp_path):
+    """The table the other tests share: one an earlier run made lacked it."""
+    backend = backend_for(tracker_store("postgresql", tmp_path))
+    backend.create_schema()
+    assert outbound_columns(backend.engine).count("reason_code") == 1
+
+
+def test_a_column_another_instance_added_meanwhile_is_no_failure(tmp_path, sender):
+    store = tracker_store("sqlite", tmp_path)
+    old_outbound_table(store.engine, sender)
+
+    class Late(SqlBackend):
+        """Saw the table before the other instance's ALTER, runs its own after it."""
+        looked = 0
+
+        def _columns(self, table):
+            self.looked += 1
+            if self.looked == 1:
+                with self.engine.begin() as connection:
+                    connection.execute(sa.text(ADD_REASON_CODE))
+                return {"callback_id"}
+            return super()._columns(table)
+
+    backend = Late(store.engine)
+    backend.create_schema()  # its own ALTER fails (duplicate column): the column is there, so fine
+    assert backend.looked == 2
+    assert_upgraded(backend, sender)
+
+
+def test_a_column_that_cannot_be_added_fails_with_the_statement(tmp_path, sender):
+    path = tmp_path / "old.db"
+    writer = sa.create_engine(f"sqlite:///{path}")
+    old_outbound_table(writer, sender)  # and every other table, as the earlier version made them
+    sql.metadata.create_all(writer, tables=[t for t in sql.metadata.sorted_tables if t.name != "whatsapp_outbound"])
+    engine = sa.create_engine(f"sqlite:///file:{path}?mode=ro&uri=true")  # a user without DDL rights
+    with pytest.raises(SchemaError) as raised:
+        SqlBackend(engine).create_schema()
+    message = str(raised.value)
+    assert f"{ADD_REASON_CODE};" in message and "whatsapp_outbound lacks the column reason_code" in message
     assert "README" in message
 
 

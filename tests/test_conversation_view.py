@@ -10,7 +10,8 @@ from datetime import datetime, timezone
 import pytest
 
 from connector.care_state import OutboundRecord
-from connector.channel import WhatsAppInput
+from connector.channel import WhatsAppInput, WhatsAppOutput
+from connector.conversation import history
 from tests.fixtures.loader import webhook
 from tests.test_channel import CREDENTIALS, RecordingAgent, make_app, post
 
@@ -138,3 +139,29 @@ async def test_a_customers_view_holds_nothing_process_wide():
     for counter in ("refused", "failed_turns", "in_flight", "max_in_flight", "other_numbers", "instance"):
         assert f'"{counter}"' not in flat
     assert set(shown) >= {"sender_id", "now", "window_open", "templates_left", "records", "inbox"}
+
+
+async def test_a_suppression_shows_its_reason_code_beside_its_reason():
+    """The code the outbound path decided with is stored with the record, so the view (and the
+    simulator's page, which prints "suppressed: one template per lapsed window" from it) has it."""
+    order_update = {"utter_order_update": {"name": "order_status_update", "language": "en_US",
+                                           "body": ["{order_id}", "{order_status}"]}}
+    channel, app = channel_with(templates=order_update)
+    lapsed = int(time.time()) - 25 * HOUR
+    await customer_writes(app, channel, lapsed)
+    await WhatsAppOutput(channel).send_response(  # a template, but the customer never opted in
+        SENDER, {"text": "Order 10042 has shipped", "utter_action": "utter_order_update",
+                 "order_id": "10042", "order_status": "shipped"})
+    await channel.state.add_outbound(record(channel, lapsed, decision="free_form", status="read", reason=None))
+
+    shown = await view(app)
+    suppressed, read = shown["records"]
+    assert (suppressed["kind"], suppressed["reason_code"]) == ("suppressed", "no_opt_in")
+    assert suppressed["reason"] == "outside the care window and the customer has not opted in"
+    assert (read["kind"], read["reason_code"]) == ("free_form", None)
+    records = await channel.state.recent_outbound(SENDER, 2)
+    (stored,) = [r for r in records if r.decision == "suppressed"]
+    assert stored.reason_code == "no_opt_in"  # the record as stored, not only as returned
+    # the agent API's (and the desk's) history shows it too
+    assert [(m["decision"], m["reason_code"]) for m in history((), records, 10)] == [
+        ("suppressed", "no_opt_in"), ("free_form", None)]

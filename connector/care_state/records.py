@@ -51,6 +51,10 @@ class OutboundRecord:
     status: str = "sending"
     error_code: Optional[int] = None
     reason: Optional[str] = None
+    reason_code: Optional[str] = None
+    """A suppression's code (a `window.SuppressReason` value such as `no_opt_in`), stored with the
+    record: the decision log, the conversation views and the agent API read it from here.
+    None for what was not suppressed, and for records stored before the code was kept."""
     fallback_of: Optional[str] = None
     """The callback id of the message this one stands in for (a 131047 fallback)."""
 

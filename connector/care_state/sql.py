@@ -22,6 +22,10 @@ A customer's word on marketing messages (stopped, or resumed) is a row of
 `whatsapp_marketing_stops`, written the same way (conditional on `at <=` the word's own); no row
 means not stopped. Meta's pricing of an outbound message is a row of `whatsapp_pricing` by its
 callback id, overwritten by each status that carries one.
+
+A column added since a table was first made (`ADDED_COLUMNS`: `whatsapp_outbound.reason_code`)
+is added by `create_schema` at startup with `ALTER TABLE ... ADD COLUMN`, nullable, so the rows
+written before read back with None; a user who may not alter the table gets the statement to run.
 """
 
 import hashlib
@@ -77,6 +81,7 @@ outbound = sa.Table(
     sa.Column("error_code", sa.Integer),
     sa.Column("reason", sa.Text),
     sa.Column("fallback_of", sa.String(64)),
+    sa.Column("reason_code", sa.String(32)),  # added later: `create_schema` adds it to older tables
     sa.Index("ix_whatsapp_outbound_sender", "sender_id", "created_at"),
     sa.Index("ix_whatsapp_outbound_wamid", "wamid"),
 )
@@ -159,7 +164,18 @@ _ON_CONFLICT = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}
 
 
 class SchemaError(RuntimeError):
-    """The state's tables are missing and could not be created."""
+    """The state's tables are missing and could not be created (or brought up to date)."""
+
+
+# Columns added to tables that existing deployments created without them: (table, column), each
+# added by `create_schema` when missing. Nullable, so rows written before it read as None.
+ADDED_COLUMNS = ((outbound, "reason_code"),)
+
+
+def add_column_statement(table: sa.Table, column: str, engine: sa.engine.Engine) -> str:
+    """`ALTER TABLE ... ADD COLUMN ...` for a column of ours, in this database's dialect."""
+    kind = table.c[column].type.compile(dialect=engine.dialect)
+    return f"ALTER TABLE {table.name} ADD COLUMN {column} {kind}"
 
 
 def ddl(engine: sa.engine.Engine) -> str:
@@ -186,8 +202,33 @@ class SqlBackend(CareStateBackend):
                 f"The WhatsApp care-window tables could not be created ({type(error).__name__}: {error}). "
                 f"Create them once with a user that may (README, 'Care-window state'):\n{ddl(self.engine)}"
             ) from error
+        self._add_columns()
         if self.events_table is not None:
             self._index_events()
+
+    def _add_columns(self) -> None:
+        """Tables made by an earlier version lack the columns added since: add them (nullable,
+        so the old rows stay readable). Another instance starting at the same time may add one
+        first: its failure is then no failure."""
+        for table, column in ADDED_COLUMNS:
+            if column in self._columns(table):
+                continue
+            statement = add_column_statement(table, column, self.engine)
+            try:
+                with self.engine.begin() as connection:
+                    connection.execute(sa.text(statement))
+            except sa.exc.SQLAlchemyError as error:
+                if column in self._columns(table):  # added by another instance meanwhile
+                    continue
+                raise SchemaError(
+                    f"The WhatsApp care-window table {table.name} lacks the column {column} and it could not "
+                    f"be added ({type(error).__name__}: {error}). Add it once with a user that may "
+                    f"(README, 'Care-window state'):\n{statement};"
+                ) from error
+            logger.info("Added column %s to %s", column, table.name)
+
+    def _columns(self, table: sa.Table) -> set:
+        return {column["name"] for column in sa.inspect(self.engine).get_columns(table.name)}
 
     def _index_events(self) -> None:
         """Only speed: without the rights to create them the reads are correct, just slower."""
@@ -642,6 +683,7 @@ def _row(record: OutboundRecord) -> Dict[str, Any]:
         "choices": dump_json(list(record.choices)) if record.choices else None,
         "wamid": record.wamid, "status": record.status, "status_rank": record.status_rank,
         "error_code": record.error_code, "reason": record.reason, "fallback_of": record.fallback_of,
+        "reason_code": record.reason_code,
     }
 
 
@@ -651,5 +693,5 @@ def _record(row: Any) -> OutboundRecord:
         window_of=row.window_of, at=row.at, created_at=row.created_at, response=row.response,
         template=row.template, rendered_with=json.loads(row.rendered_with) if row.rendered_with else {},
         choices=choices_from_json(row.choices), wamid=row.wamid, status=row.status,
-        error_code=row.error_code, reason=row.reason, fallback_of=row.fallback_of,
+        error_code=row.error_code, reason=row.reason, reason_code=row.reason_code, fallback_of=row.fallback_of,
     )
