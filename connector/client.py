@@ -99,9 +99,10 @@ class CloudApiClient:
         payload = {**envelope, **body, **address, "messaging_product": "whatsapp"}
         if callback_id:
             payload["biz_opaque_callback_data"] = callback_id
+        pacer = self.pacer
         answer = await self._request(
-            "POST", self.messages_url(number), json=payload, idempotent=False,
-            budget_key=f"{number}:{to}", before_attempt=lambda: self.pacer.wait(number, to), operation="send",
+            "POST", self.messages_url(number), json=payload, idempotent=False, budget_key=f"{number}:{to}",
+            before_attempt=(lambda: pacer.wait(number, to)) if pacer.paces else None, operation="send",
         )
         try:
             return str(answer["messages"][0]["id"])

@@ -10,6 +10,8 @@ record here, and so do the fallbacks that Meta's 131047 calls for.
   webhooks find the record (and give it its wamid) without a second write per send. A send whose
   answer was lost stays reserved (a template) or waits a bounded time for its status (free-form)
   before it is sent again, so it is neither lost nor doubled.
+- A status webhook is one write (`record_status`: its pricing and the status, one transaction
+  on SQL; the record is read back only for a `failed` one).
 - A `failed` status with 131047 closes the window that message answered and delivers the same
   bot message again under the closed window: its template, or a recorded suppression.
 - Each decision is logged (decisions.py) and counted (metrics.py) once, as the send ended: a
@@ -26,7 +28,9 @@ import uuid
 from dataclasses import dataclass, replace
 from typing import Any, Awaitable, Callable, Dict, Iterable, List, Optional, Tuple
 
-from connector.care_state import SENT_STATUSES, CareState, CareStateBackend, CustomerState, OutboundRecord, Pricing, unwrap
+from connector.care_state import (
+    SENT_STATUSES, CareState, CareStateBackend, CustomerState, OutboundRecord, Pricing, StatusWritten, unwrap,
+)
 from connector.care_state.records import dump_json
 from connector.config import ChannelConfig
 from connector.decisions import log_decision, masked, outcome
@@ -371,17 +375,23 @@ class OutboundPath:
                            error.code if error else None, kwargs.get("reason"))
             for item in status.errors or (None,):
                 self.metrics.graph_error(item.code if item is not None else None)
+        pricing: Optional[Pricing] = None
         if status.status == "sent" and status.biz_opaque_callback_data and \
                 (status.pricing_category or status.billable is not None):
+            # what the message costs, for the conversation views (kept once: the later statuses repeat it)
             pricing = Pricing(status.pricing_category, status.billable, status.pricing_type)
-            try:  # what the message costs, for the conversation views (one write: the later statuses repeat it)
-                first = await state.run(_store_pricing, state.backend, status.biz_opaque_callback_data, pricing)
-            except Exception as problem:
-                logger.error("Pricing of %s not stored: %s: %s", status.wamid, type(problem).__name__, problem)
-            else:
-                if first and (pricing.billable or (pricing.billable is None and pricing.pricing_type == "regular")):
-                    self.metrics.billable(pricing.category)
-        record = await state.update_outbound(status.status, **kwargs)
+        # the pricing and the status in one write; the record is read back only for a failure
+        try:
+            written = await state.record_status(status.status, pricing=pricing, fetch=failed, **kwargs)
+        except Exception as problem:
+            if pricing is None:
+                raise
+            logger.error("Pricing of %s not stored: %s: %s", status.wamid, type(problem).__name__, problem)
+            written = StatusWritten(changed=False, record=await state.update_outbound(status.status, **kwargs))
+        if written.first_pricing and pricing is not None and \
+                (pricing.billable or (pricing.billable is None and pricing.pricing_type == "regular")):
+            self.metrics.billable(pricing.category)
+        record = written.record
         if record is None or not failed:
             return
         log_decision(record)
@@ -420,13 +430,6 @@ def _closed_window_reads(
         customer = replace(customer, last_inbound_at=int(stored[0]), reply_number=stored[1])
     window_of = int(_facts(customer, in_flight_inbound_at).last_inbound_at or 0)
     return customer, backend.templates_reserved(customer.sender_id, window_of), reader.latest_slots(slots)
-
-
-def _store_pricing(backend: CareStateBackend, callback_id: str, pricing: Pricing) -> bool:
-    """Blocking. Whether this is the first pricing stored for the message (counted once)."""
-    first = callback_id not in backend.pricing_of([callback_id])
-    backend.set_pricing(callback_id, pricing)
-    return first
 
 
 def _facts(customer: CustomerState, in_flight_inbound_at: Optional[float]) -> WindowFacts:

@@ -10,10 +10,11 @@ from typing import Any
 
 from connector.care_state.base import CareState, CareStateBackend
 from connector.care_state.records import (
-    SENT_STATUSES, CustomerState, DeskEvent, Handoff, OutboundRecord, PendingTurn, Pricing, TemplateState,
+    SENT_STATUSES, CustomerState, DeskEvent, Handoff, OutboundRecord, PendingTurn, Pricing, StatusWritten,
+    TemplateState,
 )
 
-__all__ = ["CareState", "CareStateBackend", "CustomerState", "DeskEvent", "Handoff", "OutboundRecord", "PendingTurn", "Pricing", "SENT_STATUSES", "TemplateState",
+__all__ = ["CareState", "CareStateBackend", "CustomerState", "DeskEvent", "Handoff", "OutboundRecord", "PendingTurn", "Pricing", "SENT_STATUSES", "StatusWritten", "TemplateState",
            "UnsupportedTrackerStore", "backend_for", "unwrap"]
 
 

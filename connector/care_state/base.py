@@ -5,10 +5,10 @@ import asyncio
 from abc import ABC, abstractmethod
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
-from typing import Any, Callable, Dict, List, Optional, Sequence, TypeVar
+from typing import Any, Awaitable, Callable, Dict, List, Optional, Sequence, TypeVar
 
 from connector.care_state.records import (
-    CustomerState, DeskEvent, Handoff, OutboundRecord, PendingTurn, Pricing, TemplateState,
+    CustomerState, DeskEvent, Handoff, OutboundRecord, PendingTurn, Pricing, StatusWritten, TemplateState,
 )
 
 T = TypeVar("T")
@@ -58,6 +58,33 @@ class CareStateBackend(ABC):
     ) -> Optional[OutboundRecord]:
         """Move a record's status forward (found by callback id, else by wamid) and set what is
         given; returns the record if THIS call changed it, so exactly one caller acts on it."""
+
+    def queued(self, name: str) -> Optional[Callable[..., Optional[Awaitable[Any]]]]:
+        """For a backend that queues some calls itself (SQLite: one writer thread committing the
+        writes that queued meanwhile together, one reader thread reading the customers asked
+        for meanwhile together): a function, called on the event loop, that queues a call of
+        the method `name` and returns what to await (None for a call it does not queue), so
+        that no worker thread waits for it. None: every call of `name` runs in a worker thread."""
+        return None
+
+    def close(self) -> None:
+        """Let go of threads and connections of its own (the state is closing)."""
+
+    def record_status(
+        self, status: str, callback_id: Optional[str] = None, wamid: Optional[str] = None,
+        error_code: Optional[int] = None, reason: Optional[str] = None, pricing: Optional[Pricing] = None,
+        fetch: bool = True,
+    ) -> StatusWritten:
+        """A status webhook's writes in one call: the message's pricing (when the status carries
+        one and a callback id), then `update_outbound`. The record is returned only with `fetch`
+        (a `failed` status needs it; the others only move the record forward). A backend may do
+        it in one transaction (the SQL one does)."""
+        first = False
+        if pricing is not None and callback_id:
+            first = callback_id not in self.pricing_of([callback_id])
+            self.set_pricing(callback_id, pricing)
+        record = self.update_outbound(status, callback_id, wamid, error_code, reason)
+        return StatusWritten(record is not None, record if fetch else None, first)
 
     @abstractmethod
     def outbound(self, callback_id: str) -> Optional[OutboundRecord]: ...
@@ -189,20 +216,31 @@ class CareState:
         """Any blocking function on the state's threads, e.g. several backend calls in one hop."""
         return await asyncio.get_running_loop().run_in_executor(self._pool, partial(function, *args, **kwargs))
 
+    async def _queued(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        """A call the backend queues itself (awaited, no worker thread held), else one run in a
+        worker thread. Only the backend's own class is asked: a wrapper around it
+        (a test's, a benchmark's) gets every call in a worker thread, as before."""
+        queued = getattr(type(self.backend), "queued", None)
+        queue = queued(self.backend, name) if queued is not None else None
+        waiting = queue(*args, **kwargs) if queue is not None else None
+        if waiting is not None:
+            return await waiting
+        return await self.run(getattr(self.backend, name), *args, **kwargs)
+
     async def create_schema(self) -> None:
         await self.run(self.backend.create_schema)
 
     async def customer(self, sender_id: str) -> CustomerState:
-        return await self.run(self.backend.customer, sender_id)
+        return await self._queued("customer", sender_id)
 
     async def note_inbound(self, sender_id: str, timestamp: int, phone_number_id: Optional[str]) -> None:
-        await self.run(self.backend.note_inbound, sender_id, timestamp, phone_number_id)
+        await self._queued("note_inbound", sender_id, timestamp, phone_number_id)
 
     async def close_window(self, sender_id: str, inbound_at: int) -> None:
-        await self.run(self.backend.close_window, sender_id, inbound_at)
+        await self._queued("close_window", sender_id, inbound_at)
 
     async def set_opt_out_pending(self, sender_id: str, pending: bool) -> None:
-        await self.run(self.backend.set_opt_out_pending, sender_id, pending)
+        await self._queued("set_opt_out_pending", sender_id, pending)
 
     async def templates_reserved(self, sender_id: str, window_of: int) -> int:
         return await self.run(self.backend.templates_reserved, sender_id, window_of)
@@ -211,13 +249,16 @@ class CareState:
         return await self.run(self.backend.reserve_template, record, limit)
 
     async def release_template(self, record: OutboundRecord) -> None:
-        await self.run(self.backend.release_template, record)
+        await self._queued("release_template", record)
 
     async def add_outbound(self, record: OutboundRecord) -> None:
-        await self.run(self.backend.add_outbound, record)
+        await self._queued("add_outbound", record)
 
     async def update_outbound(self, status: str, **fields: Any) -> Optional[OutboundRecord]:
-        return await self.run(self.backend.update_outbound, status, **fields)
+        return await self._queued("update_outbound", status, **fields)
+
+    async def record_status(self, status: str, **fields: Any) -> StatusWritten:
+        return await self._queued("record_status", status, **fields)
 
     async def outbound(self, callback_id: str) -> Optional[OutboundRecord]:
         return await self.run(self.backend.outbound, callback_id)
@@ -240,7 +281,7 @@ class CareState:
         await self.run(self.backend.turn_failed, key, attempts, error, final)
 
     async def turn_done(self, key: str) -> None:
-        await self.run(self.backend.turn_done, key)
+        await self._queued("turn_done", key)
 
     async def turns_of(self, sender_id: str, limit: int = 20) -> List[PendingTurn]:
         return await self.run(self.backend.turns_of, sender_id, limit)
@@ -291,7 +332,7 @@ class CareState:
         return await self.run(self.backend.marketing_stopped, sender_id)
 
     async def set_pricing(self, callback_id: str, pricing: Pricing) -> None:
-        await self.run(self.backend.set_pricing, callback_id, pricing)
+        await self._queued("set_pricing", callback_id, pricing)
 
     async def pricing_of(self, callback_ids: Sequence[str]) -> Dict[str, Pricing]:
         return await self.run(self.backend.pricing_of, callback_ids)
@@ -299,3 +340,6 @@ class CareState:
     def close(self) -> None:
         self._pool.shutdown(wait=False)
         self._intake_pool.shutdown(wait=False)
+        close = getattr(type(self.backend), "close", None)
+        if close is not None:
+            close(self.backend)

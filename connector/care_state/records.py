@@ -63,6 +63,18 @@ class OutboundRecord:
         return STATUS_RANK[self.status]
 
 
+@dataclass(frozen=True)
+class StatusWritten:
+    """What one status webhook's write did (`CareStateBackend.record_status`)."""
+
+    changed: bool
+    """This call moved the record forward (so exactly one caller acts on it)."""
+    record: Optional[OutboundRecord] = None
+    """The record as changed, when it changed and was asked for (`fetch`)."""
+    first_pricing: bool = False
+    """The pricing given was the first stored for the message (a later status repeats it)."""
+
+
 def dump_json(value: Any) -> str:
     return json.dumps(value, default=str, separators=(",", ":"))
 

@@ -28,11 +28,17 @@ is added by `create_schema` at startup with `ALTER TABLE ... ADD COLUMN`, nullab
 written before read back with None; a user who may not alter the table gets the statement to run.
 """
 
+import asyncio
 import hashlib
 import json
 import logging
+import os
+import queue
+import threading
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from concurrent.futures import Future
+from contextlib import contextmanager, suppress
+from typing import Any, Awaitable, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
@@ -41,8 +47,8 @@ from sqlalchemy.schema import CreateIndex, CreateTable
 
 from connector.care_state.base import CareStateBackend
 from connector.care_state.records import (
-    STATUS_RANK, CustomerState, DeskEvent, Handoff, OutboundRecord, PendingTurn, Pricing, TemplateState,
-    choices_from_json, dump_json,
+    STATUS_RANK, CustomerState, DeskEvent, Handoff, OutboundRecord, PendingTurn, Pricing, StatusWritten,
+    TemplateState, choices_from_json, dump_json,
 )
 
 logger = logging.getLogger(__name__)
@@ -162,6 +168,58 @@ EVENT_INDEXES = {
 
 _ON_CONFLICT = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}
 
+# The statements of the hot paths (every outbound message, every status), built once with bind
+# parameters: building a statement from values costs more than running it (coercions, a bind
+# parameter per value, the cache key of each new object) and makes garbage for the collector.
+_SELECT_CUSTOMER = sa.select(customers).where(customers.c.sender_id == sa.bindparam("b_sender_id"))
+_SELECT_CUSTOMERS = sa.select(customers).where(customers.c.sender_id.in_(sa.bindparam("b_ids", expanding=True)))
+_INSERT_OUTBOUND = sa.insert(outbound)
+_SELECT_OUTBOUND = {
+    "callback_id": sa.select(outbound).where(outbound.c.callback_id == sa.bindparam("b_find")),
+    "wamid": sa.select(outbound).where(outbound.c.wamid == sa.bindparam("b_find")),
+}
+_TURN_DONE = sa.update(inbox).where(inbox.c.turn_key == sa.bindparam("b_key")).values(
+    state="done", finished_at=sa.bindparam("b_finished_at"), owner=None, error=None)
+_PRICING_VALUES = {"category": sa.bindparam("b_category"), "billable": sa.bindparam("b_billable", type_=sa.Boolean),
+                   "pricing_type": sa.bindparam("b_pricing_type")}
+_INSERT_PRICING_IF_NEW = sa.insert(pricing_table).prefix_with("OR IGNORE", dialect="sqlite").values(
+    callback_id=sa.bindparam("b_callback_id"), **_PRICING_VALUES)
+_UPDATE_PRICING = sa.update(pricing_table).where(pricing_table.c.callback_id == sa.bindparam("b_callback_id")).values(
+    **_PRICING_VALUES)
+_UPDATES: Dict[Tuple[str, bool, bool, bool], Any] = {}
+
+
+def _update_outbound_statement(by: str, wamid: bool, error_code: bool, reason: bool) -> Any:
+    """UPDATE of a record's status (found by callback id or wamid), moving it forward only; one
+    statement per combination of what is set, built on first use."""
+    key = (by, wamid, error_code, reason)
+    statement = _UPDATES.get(key)
+    if statement is None:
+        values: Dict[str, Any] = {"status": sa.bindparam("b_status"), "status_rank": sa.bindparam("b_rank")}
+        if wamid:
+            values["wamid"] = sa.func.coalesce(outbound.c.wamid, sa.bindparam("b_wamid", type_=sa.String))
+        if error_code:
+            values["error_code"] = sa.bindparam("b_error_code")
+        if reason:
+            values["reason"] = sa.bindparam("b_reason")
+        statement = _UPDATES[key] = sa.update(outbound).where(
+            outbound.c[by] == sa.bindparam("b_find"), outbound.c.status_rank < sa.bindparam("b_rank")).values(**values)
+    return statement
+
+
+class _Exec:
+    """A write that is one statement and its parameters, no result: the writer runs consecutive
+    ones of the same statement as one `executemany`."""
+
+    __slots__ = ("statement", "params")
+
+    def __init__(self, statement: Any, params: Dict[str, Any]) -> None:
+        self.statement = statement
+        self.params = params
+
+    def __call__(self, connection: Any) -> None:
+        connection.execute(self.statement, self.params)
+
 
 class SchemaError(RuntimeError):
     """The state's tables are missing and could not be created (or brought up to date)."""
@@ -187,12 +245,372 @@ def ddl(engine: sa.engine.Engine) -> str:
     return ";\n".join(statements) + ";"
 
 
+# One lock per SQLite file in this process: every backend on the file writes under it.
+_FILE_LOCKS: Dict[str, threading.RLock] = {}
+_FILE_LOCKS_GUARD = threading.Lock()
+_MAX_BATCH = 500
+"""Writes committed together at most (a batch waits for nothing: it is what queued meanwhile)."""
+
+Op = Callable[[Any], Any]
+"""A write: statements on the connection it is given, inside a transaction it does not end."""
+
+
+class _Item:
+    """A queued call: its op, and the future its caller waits on (a thread's, or a loop's)."""
+
+    __slots__ = ("op", "future", "loop")
+
+    def __init__(self, op: Op, future: Any, loop: Optional[asyncio.AbstractEventLoop]) -> None:
+        self.op = op
+        self.future = future
+        self.loop = loop
+
+    def start(self) -> bool:
+        """False if its caller gave up before it started (then it is not run, as in a thread pool)."""
+        if self.loop is None:
+            return self.future.set_running_or_notify_cancel()
+        return not self.future.cancelled()  # read from another thread: at worst it runs for nobody
+
+
+class _Settle:
+    """Results of one batch: a thread's future at once, a loop's futures in ONE callback per loop
+    (one wake-up of the loop for the whole batch, not one per call)."""
+
+    def __init__(self) -> None:
+        self._loops: Dict[asyncio.AbstractEventLoop, List[Tuple[Any, Any, Optional[BaseException]]]] = {}
+
+    def __call__(self, item: _Item, result: Any = None, error: Optional[BaseException] = None) -> None:
+        if item.loop is None:
+            if error is not None:
+                item.future.set_exception(error)
+            else:
+                item.future.set_result(result)
+        else:
+            self._loops.setdefault(item.loop, []).append((item.future, result, error))
+
+    def flush(self) -> None:
+        for loop, settled in self._loops.items():
+            with suppress(RuntimeError):  # that loop is closed: nobody waits any more
+                loop.call_soon_threadsafe(_settle_on_loop, settled)
+
+
+def _settle_on_loop(settled: List[Tuple[Any, Any, Optional[BaseException]]]) -> None:
+    for future, result, error in settled:
+        if not future.done():
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(result)
+
+
+class _Batches:
+    """One thread taking queued calls and running each lot that queued meanwhile together."""
+
+    def __init__(self, name: str, run: Callable[[List[_Item], _Settle], None], stopped: Callable[[], None]) -> None:
+        self.name = name
+        self._run = run
+        self._stopped = stopped
+        self._queue: "queue.SimpleQueue[Optional[_Item]]" = queue.SimpleQueue()
+        self.thread: Optional[threading.Thread] = None
+        self._guard = threading.Lock()
+        self._closing = False
+        self.sizes: List[int] = []
+        """The sizes of the latest batches (the last 1,000), for tests and benchmarks."""
+
+    def put(self, op: Op, loop: Optional[asyncio.AbstractEventLoop] = None) -> Any:
+        """Queue `op`; its future (an asyncio one on `loop`, else a concurrent.futures one)."""
+        future: Any = loop.create_future() if loop is not None else Future()
+        with self._guard:  # with the thread's own exit check: nothing is queued for a thread that left
+            self._queue.put(_Item(op, future, loop))
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
+                self.thread.start()
+        return future
+
+    def close(self) -> None:
+        """The thread stops once what was queued is done (a later call starts it again)."""
+        with self._guard:
+            if self.thread is not None and not self._closing:
+                self._closing = True
+                self._queue.put(None)
+
+    def _loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                with self._guard:
+                    if self._queue.empty():
+                        self.thread, self._closing = None, False
+                        self._stopped()
+                        return
+                self._queue.put(None)  # queued after the stop: done first, then the stop
+                continue
+            batch: List[_Item] = []
+            while item is not None:
+                if item.start():
+                    batch.append(item)
+                if len(batch) >= _MAX_BATCH:
+                    break
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+            if batch:
+                settle = _Settle()
+                self._run(batch, settle)
+                settle.flush()
+                self.sizes = self.sizes[-999:] + [len(batch)]
+            if item is None:
+                self._queue.put(None)  # the stop, seen again once this batch is done
+
+
+class _SqliteFile:
+    """How the state reaches a SQLite file behind SQLAlchemy's NullPool (Rasa's SQLite tracker
+    store). NullPool opens a new sqlite3 connection for every call, and every new connection
+    parses the whole schema on its first statement (about 0.4 ms, more than the query itself);
+    SQLite has one writer, whose waiters poll in its busy handler (sleeps of up to 100 ms, then
+    "database is locked" after 5 s), so a few threads writing at once are slower than one; and
+    every commit is an fsync (1-2 ms on this machine's disk).
+
+    - each thread keeps ONE connection of the engine (its event listeners included) for its
+      calls, dropped after an error;
+    - every write of this process takes the file's lock, so they queue in order instead of
+      polling SQLite's lock;
+    - the hot single-row writes (`submit`, `combined`) go to ONE writer thread, which commits
+      whatever writes queued while it was busy in one transaction: one commit (one fsync) for
+      all of them, each caller's future done only once its write is committed. If that
+      transaction fails, each write of it runs again alone, so one write's error is only its
+      caller's. A write whose caller gave up before it started is not made (as in a thread pool).
+    - the customer reads of the outbound path (`read`) go to ONE reader thread, which reads
+      whatever customers were asked for meanwhile with one SELECT ... IN: each answer is read
+      after its question was asked, so it is as fresh as a read of its own.
+
+    Other processes, and Rasa's own writes, still meet these in SQLite's own locking."""
+
+    def __init__(self, engine: sa.engine.Engine) -> None:
+        self.engine = engine
+        if not sa.event.contains(engine, "do_connect", _any_thread):
+            sa.event.listen(engine, "do_connect", _any_thread)
+        path = os.path.abspath(engine.url.database or "")
+        with _FILE_LOCKS_GUARD:
+            self.lock = _FILE_LOCKS.setdefault(path, threading.RLock())
+        self._local = threading.local()
+        self.writer = _Batches("care-state-writer", self._write, self._forget_connection)
+        self.reader = _Batches("care-state-reader", self._read, self._forget_connection)
+        self.commits = 0
+        """Write transactions committed by the writer (a figure for tests and benchmarks)."""
+
+    @staticmethod
+    def applies_to(engine: sa.engine.Engine) -> bool:
+        database = engine.url.database or ""
+        return (engine.dialect.name == "sqlite" and isinstance(engine.pool, sa.pool.NullPool)
+                and database not in ("", ":memory:") and "mode=memory" not in database)
+
+    @contextmanager
+    def connect(self) -> Iterator[Any]:
+        connection = getattr(self._local, "connection", None)
+        if connection is None or connection.closed or connection.invalidated:
+            connection = self._local.connection = self.engine.connect()
+        try:
+            yield connection
+        except IntegrityError:  # a conflict the caller handles: the connection is fine
+            raise
+        except BaseException:
+            self._forget_connection()
+            with suppress(Exception):
+                connection.close()
+            raise
+
+    def _forget_connection(self) -> None:
+        self._local.connection = None
+
+    @contextmanager
+    def begin(self) -> Iterator[Any]:
+        with self.lock, self.connect() as connection, connection.begin():
+            yield connection
+
+    def submit(self, op: Op, loop: Optional[asyncio.AbstractEventLoop] = None) -> Any:
+        """Queue a write for the writer thread; its future is done once it is committed."""
+        return self.writer.put(op, loop)
+
+    def combined(self, op: Op) -> Any:
+        """A write through the writer, waited for (from a worker thread)."""
+        if threading.current_thread() is self.writer.thread:
+            with self.begin() as connection:
+                return op(connection)
+        return self.writer.put(op).result()
+
+    def read(self, op: Op, loop: Optional[asyncio.AbstractEventLoop] = None) -> Any:
+        """Queue a read for the reader thread (a `_CustomerRead` is read with the others)."""
+        return self.reader.put(op, loop)
+
+    def close(self) -> None:
+        self.writer.close()
+        self.reader.close()
+
+    def _write(self, batch: List[_Item], settle: _Settle) -> None:
+        with self.lock:
+            if len(batch) > 1:
+                try:
+                    with self.connect() as connection, connection.begin():
+                        results = _run_together(connection, [item.op for item in batch])
+                except Exception:  # each alone: only the write that fails fails
+                    pass
+                else:
+                    self.commits += 1
+                    for item, result in zip(batch, results):
+                        settle(item, result)
+                    return
+            for item in batch:
+                try:
+                    with self.connect() as connection, connection.begin():
+                        result = item.op(connection)
+                except BaseException as error:  # noqa: B902 - the caller gets it, the writer goes on
+                    settle(item, error=error)
+                else:
+                    self.commits += 1
+                    settle(item, result)
+
+    def _read(self, batch: List[_Item], settle: _Settle) -> None:
+        customers_asked = [item for item in batch if isinstance(item.op, _CustomerRead)]
+        others = [item for item in batch if not isinstance(item.op, _CustomerRead)]
+        if len(customers_asked) > 1:
+            try:
+                ids = list(dict.fromkeys(item.op.sender_id for item in customers_asked))
+                found: Dict[str, CustomerState] = {}
+                with self.connect() as connection:
+                    for start in range(0, len(ids), _PRICING_CHUNK):
+                        for row in connection.execute(_SELECT_CUSTOMERS, {"b_ids": ids[start:start + _PRICING_CHUNK]}):
+                            found[row.sender_id] = _customer(row.sender_id, row)
+            except Exception:  # each alone: only the read that fails fails
+                others = batch
+            else:
+                for item in customers_asked:
+                    settle(item, found.get(item.op.sender_id) or CustomerState(item.op.sender_id))
+        else:
+            others = batch
+        for item in others:
+            try:
+                with self.connect() as connection:
+                    result = item.op(connection)
+            except BaseException as error:  # noqa: B902
+                settle(item, error=error)
+            else:
+                settle(item, result)
+
+
+class _CustomerRead:
+    """The read of one customer's state (the reader reads those asked for together with one IN)."""
+
+    __slots__ = ("sender_id",)
+
+    def __init__(self, sender_id: str) -> None:
+        self.sender_id = sender_id
+
+    def __call__(self, connection: Any) -> CustomerState:
+        return _customer(self.sender_id, connection.execute(_SELECT_CUSTOMER, {"b_sender_id": self.sender_id}).first())
+
+
+def _customer(sender_id: str, row: Any) -> CustomerState:
+    if row is None:
+        return CustomerState(sender_id)
+    return CustomerState(sender_id, row.last_inbound_at, row.reply_number, row.closed_for_inbound,
+                         bool(row.opt_out_pending))
+
+
+def _run_together(connection: Any, ops: List[Op]) -> List[Any]:
+    """The ops in order on one connection; a run of `_Exec`s of one statement as one executemany."""
+    results: List[Any] = []
+    start = 0
+    while start < len(ops):
+        op = ops[start]
+        end = start + 1
+        if isinstance(op, _Exec):
+            while end < len(ops) and isinstance(ops[end], _Exec) and ops[end].statement is op.statement:
+                end += 1
+        if end - start > 1:
+            connection.execute(op.statement, [each.params for each in ops[start:end]])
+            results += [None] * (end - start)
+        else:
+            results.append(op(connection))
+        start = end
+    return results
+
+
+def _any_thread(dialect: Any, record: Any, cargs: Any, cparams: Dict[str, Any]) -> None:
+    """A thread's connection is used by that thread only, but it is let go of (closed) wherever
+    the garbage collector finds it: pysqlite must not refuse that."""
+    cparams["check_same_thread"] = False
+
+
+def _executes(statement: Any) -> Op:
+    def op(connection: Any) -> None:
+        connection.execute(statement)
+
+    return op
+
+
+class _OtherDatabase:
+    """PostgreSQL, MySQL...: the engine's own pool, a transaction of its own for each write."""
+
+    def __init__(self, engine: sa.engine.Engine) -> None:
+        self.engine = engine
+
+    def connect(self) -> Any:
+        return self.engine.connect()
+
+    def begin(self) -> Any:
+        return self.engine.begin()
+
+    def combined(self, op: Op) -> Any:
+        with self.engine.begin() as connection:
+            return op(connection)
+
+    def close(self) -> None:
+        pass
+
+
 class SqlBackend(CareStateBackend):
     def __init__(self, engine: sa.engine.Engine, events_table: Optional[sa.Table] = None) -> None:
         self.engine = engine
         self.events_table = events_table
         self.on_conflict = _ON_CONFLICT.get(engine.dialect.name)
         """The dialect's INSERT ... ON CONFLICT, if it has one (None: UPDATE, then INSERT)."""
+        self.access = _SqliteFile(engine) if _SqliteFile.applies_to(engine) else _OtherDatabase(engine)
+
+    def _connect(self) -> Any:
+        """A connection for reads (outside a transaction)."""
+        return self.access.connect()
+
+    def _begin(self) -> Any:
+        """A write transaction of its own (on SQLite in the file's write order)."""
+        return self.access.begin()
+
+    # The hot writes, each one op (a statement or two on a connection it is given): on SQLite
+    # they go through the writer thread, group-committed; elsewhere a transaction each.
+    QUEUED = ("note_inbound", "close_window", "set_opt_out_pending", "release_template", "add_outbound",
+              "update_outbound", "record_status", "turn_done", "set_pricing")
+
+    def queued(self, name: str) -> Optional[Callable[..., Optional[Awaitable[Any]]]]:
+        if (name not in self.QUEUED and name != "customer") or not isinstance(self.access, _SqliteFile):
+            return None
+        if getattr(type(self), name) is not getattr(SqlBackend, name):
+            return None  # a subclass's own version: called as it is, in a worker thread
+        access = self.access
+        if name == "customer":
+            return lambda sender_id: access.read(_CustomerRead(sender_id), asyncio.get_running_loop())
+
+        def queue(*args: Any, **kwargs: Any) -> Optional[Awaitable[Any]]:
+            op = getattr(self, f"_{name}_op")(*args, **kwargs)
+            return access.submit(op, asyncio.get_running_loop()) if op is not None else None
+
+        return queue
+
+    def close(self) -> None:
+        self.access.close()
+
+    def _write(self, op: Optional[Op], otherwise: Callable[[], Any]) -> Any:
+        return self.access.combined(op) if op is not None else otherwise()
 
     def create_schema(self) -> None:
         try:
@@ -245,31 +663,27 @@ class SqlBackend(CareStateBackend):
                                name, self.events_table.name, error)
 
     def customer(self, sender_id: str) -> CustomerState:
-        with self.engine.connect() as connection:
-            row = connection.execute(sa.select(customers).where(customers.c.sender_id == sender_id)).first()
-        if row is None:
-            return CustomerState(sender_id)
-        return CustomerState(sender_id, row.last_inbound_at, row.reply_number, row.closed_for_inbound,
-                             bool(row.opt_out_pending))
+        with self._connect() as connection:
+            return _CustomerRead(sender_id)(connection)
 
     def _upsert(self, sender_id: str, values: Dict[str, Any], condition: Any = None) -> None:
         """UPDATE where the condition holds; INSERT if the customer has no row yet. One statement
         where the database has INSERT ... ON CONFLICT (SQLite, PostgreSQL): one commit, which is
         what a write costs on SQLite."""
-        if self.on_conflict is not None:
-            with self.engine.begin() as connection:
-                self._upsert_in(connection, sender_id, values, condition)
+        op = self._upsert_op(sender_id, values, condition)
+        if op is not None:
+            self.access.combined(op)
             return
         where = customers.c.sender_id == sender_id
         statement = sa.update(customers).where(where if condition is None else sa.and_(where, condition))
         for _ in range(2):
-            with self.engine.begin() as connection:
+            with self._begin() as connection:
                 if connection.execute(statement.values(**values)).rowcount:
                     return
                 if connection.execute(sa.select(customers.c.sender_id).where(where)).first():
                     return  # the row exists and the condition says no
             try:
-                with self.engine.begin() as connection:
+                with self._begin() as connection:
                     connection.execute(sa.insert(customers).values(**{"sender_id": sender_id, "opt_out_pending": False, **values}))
                 return
             except IntegrityError:  # another writer inserted it first: update theirs
@@ -280,26 +694,39 @@ class SqlBackend(CareStateBackend):
         connection.execute(statement.on_conflict_do_update(
             index_elements=[customers.c.sender_id], set_=values, where=condition))
 
+    def _upsert_op(self, sender_id: str, values: Dict[str, Any], condition: Any = None) -> Optional[Op]:
+        if self.on_conflict is None:
+            return None  # UPDATE, then INSERT, each a transaction of its own
+        return lambda connection: self._upsert_in(connection, sender_id, values, condition)
+
     def note_inbound(self, sender_id: str, timestamp: int, phone_number_id: Optional[str]) -> None:
         self._upsert(sender_id, *_inbound(timestamp, phone_number_id))
 
+    def _note_inbound_op(self, sender_id: str, timestamp: int, phone_number_id: Optional[str]) -> Optional[Op]:
+        return self._upsert_op(sender_id, *_inbound(timestamp, phone_number_id))
+
     def close_window(self, sender_id: str, inbound_at: int) -> None:
-        older = sa.or_(customers.c.closed_for_inbound.is_(None), customers.c.closed_for_inbound < inbound_at)
-        self._upsert(sender_id, {"closed_for_inbound": inbound_at}, older)
+        self._upsert(sender_id, *_closed(inbound_at))
+
+    def _close_window_op(self, sender_id: str, inbound_at: int) -> Optional[Op]:
+        return self._upsert_op(sender_id, *_closed(inbound_at))
 
     def set_opt_out_pending(self, sender_id: str, pending: bool) -> None:
         self._upsert(sender_id, {"opt_out_pending": pending})
 
+    def _set_opt_out_pending_op(self, sender_id: str, pending: bool) -> Optional[Op]:
+        return self._upsert_op(sender_id, {"opt_out_pending": pending})
+
     def templates_reserved(self, sender_id: str, window_of: int) -> int:
         query = sa.select(sa.func.count()).select_from(reservations).where(
             reservations.c.sender_id == sender_id, reservations.c.window_of == window_of)
-        with self.engine.connect() as connection:
+        with self._connect() as connection:
             return int(connection.execute(query).scalar() or 0)
 
     def reserve_template(self, record: OutboundRecord, limit: int) -> bool:
         for slot in range(limit):
             try:
-                with self.engine.begin() as connection:
+                with self._begin() as connection:
                     connection.execute(sa.insert(reservations).values(
                         sender_id=record.sender_id, window_of=record.window_of, slot=slot,
                         callback_id=record.callback_id))
@@ -310,40 +737,78 @@ class SqlBackend(CareStateBackend):
         return False
 
     def release_template(self, record: OutboundRecord) -> None:
-        with self.engine.begin() as connection:
-            connection.execute(sa.delete(reservations).where(reservations.c.callback_id == record.callback_id))
+        self.access.combined(self._release_template_op(record))
+
+    def _release_template_op(self, record: OutboundRecord) -> Op:
+        statement = sa.delete(reservations).where(reservations.c.callback_id == record.callback_id)
+        return _executes(statement)
 
     def add_outbound(self, record: OutboundRecord) -> None:
-        with self.engine.begin() as connection:
-            connection.execute(sa.insert(outbound).values(**_row(record)))
+        self.access.combined(self._add_outbound_op(record))
+
+    def _add_outbound_op(self, record: OutboundRecord) -> Op:
+        return _Exec(_INSERT_OUTBOUND, _row(record))
 
     def update_outbound(self, status, callback_id=None, wamid=None, error_code=None, reason=None):
+        return self.access.combined(self._update_outbound_op(status, callback_id, wamid, error_code, reason))
+
+    def _update_outbound_op(self, status: str, callback_id: Optional[str] = None, wamid: Optional[str] = None,
+                            error_code: Optional[int] = None, reason: Optional[str] = None) -> Op:
         if callback_id is None and wamid is None:
+            return lambda connection: None
+        return lambda connection: self._update_outbound_in(
+            connection, status, callback_id, wamid, error_code, reason, fetch=True)[1]
+
+    def record_status(self, status, callback_id=None, wamid=None, error_code=None, reason=None, pricing=None,
+                      fetch=True):
+        """One transaction (group-committed on SQLite): the pricing, then the status."""
+        return self._write(self._record_status_op(status, callback_id, wamid, error_code, reason, pricing, fetch),
+                           lambda: super(SqlBackend, self).record_status(
+                               status, callback_id, wamid, error_code, reason, pricing, fetch))
+
+    def _record_status_op(self, status: str, callback_id: Optional[str] = None, wamid: Optional[str] = None,
+                          error_code: Optional[int] = None, reason: Optional[str] = None,
+                          pricing: Optional[Pricing] = None, fetch: bool = True) -> Optional[Op]:
+        if self.on_conflict is None:  # pricing as UPDATE, then INSERT: each a transaction of its own
             return None
-        rank = STATUS_RANK[status]
-        found = outbound.c.callback_id == callback_id if callback_id else outbound.c.wamid == wamid
-        values: Dict[str, Any] = {"status": status, "status_rank": rank}
+        if callback_id is None and wamid is None:
+            return lambda connection: StatusWritten(False)
+
+        def write(connection: Any) -> StatusWritten:
+            first = self._set_pricing_in(connection, callback_id, pricing) if pricing is not None and callback_id else False
+            changed, record = self._update_outbound_in(connection, status, callback_id, wamid, error_code, reason, fetch)
+            return StatusWritten(changed, record, first)
+
+        return write
+
+    def _update_outbound_in(self, connection: Any, status: str, callback_id: Optional[str], wamid: Optional[str],
+                            error_code: Optional[int], reason: Optional[str],
+                            fetch: bool) -> Tuple[bool, Optional[OutboundRecord]]:
+        """Whether this call moved the record forward, and the record then (read back with `fetch`)."""
+        by = "callback_id" if callback_id else "wamid"
+        params: Dict[str, Any] = {"b_status": status, "b_rank": STATUS_RANK[status], "b_find": callback_id or wamid}
         if wamid is not None:
-            values["wamid"] = sa.func.coalesce(outbound.c.wamid, wamid)
+            params["b_wamid"] = wamid
         if error_code is not None:
-            values["error_code"] = error_code
+            params["b_error_code"] = error_code
         if reason is not None:
-            values["reason"] = reason
-        with self.engine.begin() as connection:
-            changed = connection.execute(
-                sa.update(outbound).where(found, outbound.c.status_rank < rank).values(**values)).rowcount
-            row = connection.execute(sa.select(outbound).where(found)).first() if changed else None
-        return _record(row) if row is not None else None
+            params["b_reason"] = reason
+        statement = _update_outbound_statement(by, wamid is not None, error_code is not None, reason is not None)
+        changed = connection.execute(statement, params).rowcount
+        if not changed or not fetch:
+            return bool(changed), None
+        row = connection.execute(_SELECT_OUTBOUND[by], {"b_find": params["b_find"]}).first()
+        return True, _record(row) if row is not None else None
 
     def outbound(self, callback_id: str) -> Optional[OutboundRecord]:
-        with self.engine.connect() as connection:
-            row = connection.execute(sa.select(outbound).where(outbound.c.callback_id == callback_id)).first()
+        with self._connect() as connection:
+            row = connection.execute(_SELECT_OUTBOUND["callback_id"], {"b_find": callback_id}).first()
         return _record(row) if row is not None else None
 
     def recent_outbound(self, sender_id: str, limit: int) -> List[OutboundRecord]:
         query = (sa.select(outbound).where(outbound.c.sender_id == sender_id)
                  .order_by(outbound.c.created_at.desc()).limit(limit))
-        with self.engine.connect() as connection:
+        with self._connect() as connection:
             return [_record(row) for row in connection.execute(query)]
 
     # --- the inbox ---------------------------------------------------------------------------
@@ -354,7 +819,7 @@ class SqlBackend(CareStateBackend):
                  "finished_at": None}
         for _ in range(3):  # a concurrent insert of the same key: read again, it is theirs
             try:
-                with self.engine.begin() as connection:
+                with self._begin() as connection:
                     known = dict(connection.execute(sa.select(inbox.c.turn_key, inbox.c.state).where(
                         inbox.c.turn_key.in_([turn.key for turn in turns]))).all())
                     fresh = [turn for turn in turns if turn.key not in known]
@@ -383,7 +848,7 @@ class SqlBackend(CareStateBackend):
     def renew_leases(self, keys: Sequence[str], owner: str, lease_until: float) -> None:
         if not keys:
             return
-        with self.engine.begin() as connection:
+        with self._begin() as connection:
             connection.execute(sa.update(inbox).where(inbox.c.turn_key.in_(list(keys)), inbox.c.owner == owner,
                                                       inbox.c.state == "pending").values(lease_until=lease_until))
 
@@ -391,14 +856,14 @@ class SqlBackend(CareStateBackend):
         expired = sa.and_(inbox.c.state == "pending", inbox.c.lease_until < now)
         if take_over is not None:
             expired = sa.or_(expired, sa.and_(inbox.c.state == "pending", inbox.c.owner == take_over))
-        with self.engine.connect() as connection:
+        with self._connect() as connection:
             senders = [row.sender_id for row in connection.execute(
                 sa.select(inbox.c.sender_id).where(expired).group_by(inbox.c.sender_id)
                 .order_by(sa.func.min(inbox.c.received_at)).limit(limit))]
         claimed: List[PendingTurn] = []
         for sender_id in senders:
             mine = sa.and_(inbox.c.sender_id == sender_id, inbox.c.state == "pending")
-            with self.engine.begin() as connection:
+            with self._begin() as connection:
                 # one conditional UPDATE per customer: exactly one instance takes all of them
                 taken = connection.execute(sa.update(inbox).where(mine, expired).values(owner=owner, lease_until=lease_until)).rowcount
                 if taken:
@@ -413,21 +878,22 @@ class SqlBackend(CareStateBackend):
         values: Dict[str, Any] = {"attempts": attempts, "error": error}
         if final:
             values.update(state="failed", finished_at=time.time(), owner=None)
-        with self.engine.begin() as connection:
+        with self._begin() as connection:
             connection.execute(sa.update(inbox).where(inbox.c.turn_key == key).values(**values))
 
     def turn_done(self, key: str) -> None:
-        with self.engine.begin() as connection:
-            connection.execute(sa.update(inbox).where(inbox.c.turn_key == key).values(
-                state="done", finished_at=time.time(), owner=None, error=None))
+        self.access.combined(self._turn_done_op(key))
+
+    def _turn_done_op(self, key: str) -> Op:
+        return _Exec(_TURN_DONE, {"b_key": key, "b_finished_at": time.time()})
 
     def turns_of(self, sender_id: str, limit: int) -> List[PendingTurn]:
         query = sa.select(inbox).where(inbox.c.sender_id == sender_id).order_by(inbox.c.received_at.desc()).limit(limit)
-        with self.engine.connect() as connection:
+        with self._connect() as connection:
             return [_turn(row) for row in connection.execute(query)]
 
     def forget_turns(self, finished_before: float) -> int:
-        with self.engine.begin() as connection:
+        with self._begin() as connection:
             return connection.execute(sa.delete(inbox).where(
                 inbox.c.state != "pending", inbox.c.finished_at < finished_before)).rowcount
 
@@ -437,18 +903,18 @@ class SqlBackend(CareStateBackend):
     def start_handoff(self, sender_id: str, since: float, reason: Optional[str]) -> bool:
         row = {"sender_id": sender_id, "since": since, "reason": reason, "closing_sent_for": None}
         if self.on_conflict is not None:
-            with self.engine.begin() as connection:
+            with self._begin() as connection:
                 return connection.execute(self.on_conflict(handoffs).values(**row).on_conflict_do_nothing(
                     index_elements=[handoffs.c.sender_id])).rowcount == 1
         try:
-            with self.engine.begin() as connection:
+            with self._begin() as connection:
                 connection.execute(sa.insert(handoffs).values(**row))
             return True
         except IntegrityError:  # open already
             return False
 
     def end_handoff(self, sender_id: str) -> bool:
-        with self.engine.begin() as connection:
+        with self._begin() as connection:
             return connection.execute(sa.delete(handoffs).where(handoffs.c.sender_id == sender_id)).rowcount == 1
 
     def _handoffs(self) -> Any:
@@ -457,17 +923,17 @@ class SqlBackend(CareStateBackend):
 
     def handoffs(self, limit: int) -> List[Handoff]:
         query = self._handoffs().order_by(handoffs.c.since, handoffs.c.sender_id).limit(max(limit, 0))
-        with self.engine.connect() as connection:
+        with self._connect() as connection:
             return [_handoff(row) for row in connection.execute(query)]
 
     def handoff(self, sender_id: str) -> Optional[Handoff]:
-        with self.engine.connect() as connection:
+        with self._connect() as connection:
             row = connection.execute(self._handoffs().where(handoffs.c.sender_id == sender_id)).first()
         return _handoff(row) if row is not None else None
 
     def mark_window_closing(self, sender_id: str, window_of: int) -> bool:
         older = sa.or_(handoffs.c.closing_sent_for.is_(None), handoffs.c.closing_sent_for < window_of)
-        with self.engine.begin() as connection:
+        with self._begin() as connection:
             return connection.execute(sa.update(handoffs).where(handoffs.c.sender_id == sender_id, older)
                                       .values(closing_sent_for=window_of)).rowcount == 1
 
@@ -476,7 +942,7 @@ class SqlBackend(CareStateBackend):
                "created_at": event.created_at, "attempts": event.attempts,
                "next_attempt_at": event.next_attempt_at, "error": event.error}
         try:
-            with self.engine.begin() as connection:
+            with self._begin() as connection:
                 if self.engine.dialect.name == "postgresql":  # one writer per customer until the commit
                     connection.execute(sa.select(sa.func.pg_advisory_xact_lock(_lock_key(event.sender_id))))
                 if self.on_conflict is not None:
@@ -502,7 +968,7 @@ class SqlBackend(CareStateBackend):
         claimable = sa.and_(desk_events.c.next_attempt_at <= now, sa.or_(
             desk_events.c.lease_until.is_(None), desk_events.c.lease_until < now, desk_events.c.owner == owner))
         query = sa.select(desk_events.c.seq).where(claimable, head).order_by(desk_events.c.seq).limit(max(limit, 0))
-        with self.engine.begin() as connection:
+        with self._begin() as connection:
             candidates = [row.seq for row in connection.execute(query)]
             # a head stays the head until delivered (later rows get higher numbers), so only its
             # lease is checked again: exactly one claimer's UPDATE changes it
@@ -516,18 +982,18 @@ class SqlBackend(CareStateBackend):
         return [_desk_event(row) for row in rows]
 
     def desk_event_delivered(self, event_id: str) -> None:
-        with self.engine.begin() as connection:
+        with self._begin() as connection:
             connection.execute(sa.delete(desk_events).where(desk_events.c.event_id == event_id))
 
     def desk_event_failed(self, event_id: str, attempts: int, error: str, next_attempt_at: float) -> None:
-        with self.engine.begin() as connection:
+        with self._begin() as connection:
             connection.execute(sa.update(desk_events).where(desk_events.c.event_id == event_id).values(
                 attempts=attempts, error=error, next_attempt_at=next_attempt_at, owner=None, lease_until=None))
 
     def desk_backlog(self, sender_id: str, limit: int) -> List[DeskEvent]:
         query = (sa.select(desk_events).where(desk_events.c.sender_id == sender_id)
                  .order_by(desk_events.c.seq).limit(max(limit, 0)))
-        with self.engine.connect() as connection:
+        with self._connect() as connection:
             return [_desk_event(row) for row in connection.execute(query)]
 
     # --- templates as Meta knows them ---------------------------------------------------------
@@ -544,22 +1010,22 @@ class SqlBackend(CareStateBackend):
         if self.on_conflict is not None:
             statement = self.on_conflict(templates).values(**row).on_conflict_do_update(
                 index_elements=[templates.c.name, templates.c.language], set_=values, where=not_later)
-            with self.engine.begin() as connection:
+            with self._begin() as connection:
                 return connection.execute(statement).rowcount == 1
         try:
-            with self.engine.begin() as connection:
+            with self._begin() as connection:
                 connection.execute(sa.insert(templates).values(**row))
             return True
         except IntegrityError:  # stored already (rows are never deleted): the later word wins
             pass
-        with self.engine.begin() as connection:
+        with self._begin() as connection:
             return connection.execute(sa.update(templates).where(
                 templates.c.name == template.name, templates.c.language == template.language, not_later,
             ).values(**values)).rowcount == 1
 
     def templates(self) -> List[TemplateState]:
         query = sa.select(templates).order_by(templates.c.name, templates.c.language)
-        with self.engine.connect() as connection:
+        with self._connect() as connection:
             return [TemplateState(name=row.name, language=row.language, status=row.status, category=row.category,
                                   updated_at=row.updated_at) for row in connection.execute(query)]
 
@@ -572,47 +1038,74 @@ class SqlBackend(CareStateBackend):
         if self.on_conflict is not None:
             statement = self.on_conflict(marketing_stops).values(sender_id=sender_id, **values).on_conflict_do_update(
                 index_elements=[marketing_stops.c.sender_id], set_=values, where=not_later)
-            with self.engine.begin() as connection:
+            with self._begin() as connection:
                 return connection.execute(statement).rowcount == 1
         try:
-            with self.engine.begin() as connection:
+            with self._begin() as connection:
                 connection.execute(sa.insert(marketing_stops).values(sender_id=sender_id, **values))
             return True
         except IntegrityError:  # stored already (rows are never deleted): the later word wins
             pass
-        with self.engine.begin() as connection:
+        with self._begin() as connection:
             return connection.execute(sa.update(marketing_stops).where(
                 marketing_stops.c.sender_id == sender_id, not_later).values(**values)).rowcount == 1
 
     def marketing_stopped(self, sender_id: str) -> bool:
         query = sa.select(marketing_stops.c.stopped).where(marketing_stops.c.sender_id == sender_id)
-        with self.engine.connect() as connection:
+        with self._connect() as connection:
             return bool(connection.execute(query).scalar())
 
-    def set_pricing(self, callback_id: str, pricing: Pricing) -> None:
+    def _set_pricing_op(self, callback_id: str, pricing: Pricing) -> Optional[Op]:
+        if self.on_conflict is None:
+            return None
         values: Dict[str, Any] = {"category": pricing.category, "billable": pricing.billable,
                                   "pricing_type": pricing.pricing_type}
-        if self.on_conflict is not None:
-            statement = self.on_conflict(pricing_table).values(callback_id=callback_id, **values).on_conflict_do_update(
-                index_elements=[pricing_table.c.callback_id], set_=values)
-            with self.engine.begin() as connection:
-                connection.execute(statement)
+        statement = self.on_conflict(pricing_table).values(callback_id=callback_id, **values).on_conflict_do_update(
+            index_elements=[pricing_table.c.callback_id], set_=values)
+        return _executes(statement)
+
+    def set_pricing(self, callback_id: str, pricing: Pricing) -> None:
+        op = self._set_pricing_op(callback_id, pricing)
+        if op is not None:
+            self.access.combined(op)
             return
+        values: Dict[str, Any] = {"category": pricing.category, "billable": pricing.billable,
+                                  "pricing_type": pricing.pricing_type}
         update = sa.update(pricing_table).where(pricing_table.c.callback_id == callback_id).values(**values)
-        with self.engine.begin() as connection:  # a later status of the message: its row exists
+        with self._begin() as connection:  # a later status of the message: its row exists
             if connection.execute(update).rowcount:
                 return
         try:
-            with self.engine.begin() as connection:
+            with self._begin() as connection:
                 connection.execute(sa.insert(pricing_table).values(callback_id=callback_id, **values))
         except IntegrityError:  # another writer inserted it first: the latest word overwrites
-            with self.engine.begin() as connection:
+            with self._begin() as connection:
                 connection.execute(update)
+
+    def _set_pricing_in(self, connection: Any, callback_id: str, pricing: Pricing) -> bool:
+        """In the caller's transaction (a database with ON CONFLICT): whether it is the first stored.
+        SQLite: INSERT OR IGNORE, then UPDATE if it was there (statements built once; this
+        process's writes are one at a time, and SQLite's write lock is held from the first)."""
+        params = {"b_callback_id": callback_id, "b_category": pricing.category, "b_billable": pricing.billable,
+                  "b_pricing_type": pricing.pricing_type}
+        if self.engine.dialect.name == "sqlite":
+            if connection.execute(_INSERT_PRICING_IF_NEW, params).rowcount == 1:
+                return True
+            connection.execute(_UPDATE_PRICING, params)
+            return False
+        values: Dict[str, Any] = {"category": pricing.category, "billable": pricing.billable,
+                                  "pricing_type": pricing.pricing_type}
+        insert = self.on_conflict(pricing_table).values(callback_id=callback_id, **values).on_conflict_do_nothing(
+            index_elements=[pricing_table.c.callback_id])
+        if connection.execute(insert).rowcount == 1:
+            return True
+        connection.execute(_UPDATE_PRICING, params)
+        return False
 
     def pricing_of(self, callback_ids: Sequence[str]) -> Dict[str, Pricing]:
         ids = list(dict.fromkeys(callback_ids))
         found: Dict[str, Pricing] = {}
-        with self.engine.connect() as connection:
+        with self._connect() as connection:
             for start in range(0, len(ids), _PRICING_CHUNK):
                 chunk = ids[start:start + _PRICING_CHUNK]
                 query = sa.select(pricing_table).where(pricing_table.c.callback_id.in_(chunk))
@@ -642,6 +1135,12 @@ def _desk_event(row: Any) -> DeskEvent:
     return DeskEvent(event_id=row.event_id, sender_id=row.sender_id, body=json.loads(row.body),
                      created_at=row.created_at, seq=row.seq, attempts=row.attempts,
                      next_attempt_at=row.next_attempt_at, error=row.error)
+
+
+def _closed(inbound_at: int) -> Tuple[Dict[str, Any], Any]:
+    """Meta's word that the window opened at `inbound_at` closed: never for an older window."""
+    older = sa.or_(customers.c.closed_for_inbound.is_(None), customers.c.closed_for_inbound < inbound_at)
+    return {"closed_for_inbound": inbound_at}, older
 
 
 def _inbound(timestamp: int, phone_number_id: Optional[str]) -> Tuple[Dict[str, Any], Any]:
