@@ -28,6 +28,7 @@ from connector.errors import GraphError
 from connector.handoff import Handoffs, install as install_handoffs
 from connector.inbound import rasa_metadata, rasa_text
 from connector.intake import Busy, Intake
+from connector.loop_watch import LoopWatch
 from connector.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, Metrics
 from connector.opt_out import OptOuts
 from connector.ordering import PerSenderQueue
@@ -106,6 +107,8 @@ class WhatsAppInput(InputChannel):
         pacer = Pacer(**{**pacing, "customer_burst": int(pacing["customer_burst"])})
         self.metrics = Metrics()
         """This channel's Prometheus metrics (a registry of its own), at GET /webhooks/whatsapp/metrics."""
+        self.loop_watch = LoopWatch()
+        self.metrics.watch_loop(lambda: self.loop_watch.longest)
         self.client = CloudApiClient(config, pacer=pacer, retry_budget_seconds=config.retry_budget_seconds,
                                      metrics=self.metrics)
         self.clock = SimulatorClock(config.simulator_clock_url) if config.simulator_clock_url else SystemClock()
@@ -173,6 +176,7 @@ class WhatsAppInput(InputChannel):
         if isinstance(self.clock, SimulatorClock):  # time travel: reminders follow the simulator's jumps
             self._clock_follower = asyncio.get_running_loop().create_task(self.clock.follow())
         self._ready.set()
+        self.loop_watch.start()  # from here: the start-up's own blocking work is not a stall of serving
         logger.info("WhatsApp care-window state and inbox: %s; this instance is %s", type(state.backend).__name__, owner)
 
     def blueprint(self, on_new_message: Callable[[UserMessage], Awaitable[Any]]) -> Blueprint:
@@ -255,7 +259,12 @@ class WhatsAppInput(InputChannel):
                 return response.json({"error": "set api_token in the channel's credentials"}, status=404)
             if not same_secret(self.config.api_token, self._token(request)):
                 return response.json({"error": "unauthorized"}, status=401)
+            try:
+                since = float(request.args["stall_since"][0]) if "stall_since" in request.args else None
+            except ValueError:
+                return response.json({"error": "stall_since must be epoch seconds"}, status=400)
             return response.json({
+                "longest_loop_stall_ms": round(self.loop_watch.longest_since(since) * 1000, 1),
                 "instance": self.intake.owner, "in_flight": self.intake.in_flight,
                 "max_in_flight": self.intake.max_in_flight, "stopping": self.intake.stopping,
                 "failed_turns": self.intake.failed, "refused_webhooks": self.refused,
@@ -277,6 +286,7 @@ class WhatsAppInput(InputChannel):
         @bp.listener("after_server_stop")
         async def close_client(*_: Any) -> None:
             await self.client.close()
+            await self.loop_watch.stop()
             if self._clock_follower is not None:
                 self._clock_follower.cancel()
             if isinstance(self.clock, SimulatorClock):

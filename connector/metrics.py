@@ -10,9 +10,9 @@ from fixed sets (anything else is `other`), Graph error codes are Meta's numbers
 carries a customer id or a phone number.
 """
 
-from typing import Iterable, Optional, Union
+from typing import Callable, Iterable, Optional, Union
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from connector.window import SuppressReason
@@ -74,6 +74,12 @@ class Metrics:
             self._suppressed.labels(code.value)
         for kind in RETRY_KINDS:
             self._retries.labels(kind)
+
+    def watch_loop(self, longest: Callable[[], float]) -> None:
+        """The longest event-loop stall since start, read from the loop watchdog when scraped."""
+        Gauge("whatsapp_event_loop_stall_seconds_max", "Longest the event loop was blocked since start "
+              "(a blocking call, a full garbage collection, a CPU-bound stretch)", registry=self.registry
+              ).set_function(longest)
 
     # --- counting ----------------------------------------------------------------------------
 

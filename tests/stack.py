@@ -79,13 +79,16 @@ class Stack:
         redeliver_delays: Optional[str] = None,
         extra_numbers: tuple = (),
         desk_url: str = "",
+        model: Path = MODEL,
     ) -> None:
         """`tracker_store` and `lock_store` are endpoint types (`in_memory` for a lock store each
         process keeps to itself); `channel_settings` override keys of the channel's credentials;
         `order_lookup_seconds` makes the order-status action slow; `redeliver_delays` are the
         simulator's (as its --redeliver-delays); `extra_numbers` are more business numbers the
-        bot serves and the simulator knows; `desk_url` receives the handoff events."""
+        bot serves and the simulator knows; `desk_url` receives the handoff events; `model` is the
+        trained model `rasa run` serves (the demo's by default)."""
         self.workdir = workdir
+        self.model = model
         self.tracker_store = tracker_store
         self.lock_store = lock_store
         self.fault_file = workdir / "store-faults.json"
@@ -169,8 +172,8 @@ class Stack:
         return text
 
     def start(self) -> "Stack":
-        if not MODEL.exists():
-            raise RuntimeError(f"{MODEL} is missing: run `bash scripts/test.sh` (it trains the model)")
+        if not self.model.exists():
+            raise RuntimeError(f"{self.model} is missing: run `bash scripts/test.sh` (it trains the model)")
         (self.workdir / "endpoints.yml").write_text(self.endpoints())
         self._spawn("simulator", [
             str(BIN / "python"), "-m", "connector.simulator", "serve", "--port", str(self.sim_port),
@@ -208,7 +211,7 @@ class Stack:
     def start_rasa(self, instance: int = 0, wait: bool = True) -> None:
         name = self._rasa_name(instance)
         self._spawn(name, [
-            str(BIN / "rasa"), "run", "--model", str(MODEL), "--port", str(self.rasa_ports[instance]),
+            str(BIN / "rasa"), "run", "--model", str(self.model), "--port", str(self.rasa_ports[instance]),
             "--credentials", str(self.credentials), "--endpoints", str(self.workdir / "endpoints.yml"),
             "--enable-api", "--auth-token", self.auth_token, "--interface", "127.0.0.1",
             *(["--debug"] if os.environ.get("STACK_DEBUG") else []),

@@ -206,3 +206,31 @@ async def test_a_reply_an_interrupted_attempt_already_sent_is_not_sent_again():
     assert len(sent) == 1
     (record,) = await channel.state.recent_outbound(SENDER)
     assert record.callback_id == sent[0] and record.decision == "free_form"
+
+
+class BlockingAgent(RecordingAgent):
+    """A turn that makes a synchronous call on the loop, as a blocking database driver would."""
+
+    async def handle_message(self, message):
+        time.sleep(0.15)
+        self.messages.append(message)
+
+
+async def test_a_blocking_call_in_a_turn_shows_as_the_longest_loop_stall():
+    channel, app = channel_with(BlockingAgent(), api_token="view")
+    before = time.time()
+    await asyncio.sleep(0.05)
+    _, counts = await app.asgi_client.get(f"/webhooks/whatsapp/intake?token=view&stall_since={before}")
+    assert counts.json["longest_loop_stall_ms"] < 100
+    assert (await post(app, webhook_body("text"))).status == 200
+    await settled(channel)
+    await asyncio.sleep(0.05)  # the watchdog wakes up after the stall
+    _, counts = await app.asgi_client.get(f"/webhooks/whatsapp/intake?token=view&stall_since={before}")
+    assert 140 <= counts.json["longest_loop_stall_ms"] < 400
+    _, later = await app.asgi_client.get(f"/webhooks/whatsapp/intake?token=view&stall_since={time.time()}")
+    assert later.json["longest_loop_stall_ms"] < 100
+    _, scraped = await app.asgi_client.get("/webhooks/whatsapp/metrics?token=view")
+    (line,) = [x for x in scraped.text.splitlines() if x.startswith("whatsapp_event_loop_stall_seconds_max ")]
+    assert float(line.split()[1]) >= 0.14
+    _, bad = await app.asgi_client.get("/webhooks/whatsapp/intake?token=view&stall_since=yesterday")
+    assert bad.status == 400
