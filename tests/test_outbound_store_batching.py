@@ -194,3 +194,20 @@ async def test_the_state_closed_twice_then_used_again_still_answers(store):
     await state.add_outbound(later)  # a write after the close starts the writer again
     assert await state.outbound(later.callback_id) == later
     state.close()
+
+
+async def test_the_file_is_in_wal_mode_and_only_the_writer_thread_commits_without_waiting_for_the_disk(state, store, tmp_path):
+    """Rasa's tracker reads on the loop must not wait for the writer's commits (WAL), and the
+    inbox's write before a webhook's 200 keeps waiting for the disk (synchronous FULL, 2)."""
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "state.db") as other:  # the mode is the file's: any connection sees it
+        assert other.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    access = state.backend.access
+
+    def synchronous(connection):
+        return connection.exec_driver_sql("PRAGMA synchronous").scalar()
+
+    assert await asyncio.get_running_loop().run_in_executor(None, lambda: access.combined(synchronous)) == 1
+    with access.begin() as connection:  # any other thread's write, as the inbox's
+        assert synchronous(connection) == 2

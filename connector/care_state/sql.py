@@ -411,6 +411,8 @@ class _SqliteFile:
         connection = getattr(self._local, "connection", None)
         if connection is None or connection.closed or connection.invalidated:
             connection = self._local.connection = self.engine.connect()
+            if threading.current_thread() is self.writer.thread:
+                connection.exec_driver_sql("PRAGMA synchronous=NORMAL")  # see `_write_ahead_log`
         try:
             yield connection
         except IntegrityError:  # a conflict the caller handles: the connection is fine
@@ -623,6 +625,26 @@ class SqlBackend(CareStateBackend):
         self._add_columns()
         if self.events_table is not None:
             self._index_events()
+        if isinstance(self.access, _SqliteFile):
+            self._write_ahead_log()
+
+    def _write_ahead_log(self) -> None:
+        """Rasa reads and saves trackers with SQL on its event loop. In SQLite's default journal
+        mode a reader waits while any writer commits, so each of the channel's commits (its
+        writer thread's, off the loop) stalled the loop for as long. In WAL mode readers never
+        wait for a writer and a commit appends to the log; the mode is kept in the file, for
+        every connection.
+
+        The writer thread's connection also commits without waiting for the disk (synchronous
+        NORMAL, per connection): its group commits then hold SQLite's one write lock for
+        microseconds instead of an fsync, so Rasa's own saves on the loop rarely wait for it.
+        Such a commit survives the process crashing (the OS has it), not the machine losing power;
+        the inbox's write before the webhook's 200 runs elsewhere and keeps waiting for the disk."""
+        with self.engine.connect() as connection:
+            mode = connection.exec_driver_sql("PRAGMA journal_mode=WAL").scalar()
+        if str(mode).lower() != "wal":
+            logger.warning("The SQLite tracker store stays in journal mode %s (WAL refused): Rasa's reads on "
+                           "the event loop wait for each commit", mode)
 
     def _add_columns(self) -> None:
         """Tables made by an earlier version lack the columns added since: add them (nullable,
