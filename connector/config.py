@@ -41,6 +41,7 @@ _OPTIONAL = (
     "shutdown_deadline_seconds",
     "mark_read",
     "typing_indicator",
+    "freeze_startup_heap",
     "pacing",
     "retry_budget_seconds",
     "max_body_bytes",
@@ -101,6 +102,8 @@ class ChannelConfig:
     """How long in-flight turns may finish after SIGTERM; the rest stays pending for recovery."""
     mark_read: bool = True
     typing_indicator: bool = True
+    freeze_startup_heap: bool = True
+    """gc.freeze() once Rasa's model is loaded (see `WhatsAppInput.open_state`)."""
     pacing: Mapping[str, float] = field(default_factory=lambda: {k: v[0] for k, v in _PACING.items()})
     retry_budget_seconds: float = 15.0
     max_body_bytes: int = 1_048_576
@@ -200,6 +203,7 @@ class ChannelConfig:
             shutdown_deadline_seconds=_number(credentials, "shutdown_deadline_seconds", 20.0, 0, 600, allow_zero=True),
             mark_read=_flag(credentials, "mark_read", True),
             typing_indicator=_flag(credentials, "typing_indicator", True),
+            freeze_startup_heap=_flag(credentials, "freeze_startup_heap", True),
             pacing={
                 key: _number(pacing, key, default, low, high, allow_zero=True, whole=whole, name=f"pacing.{key}")
                 for key, (default, low, high, whole) in _PACING.items()

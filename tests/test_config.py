@@ -19,6 +19,11 @@ def test_valid_block_is_read_and_normalised():
     assert config.request_timeout == 10.0
 
 
+def test_the_startup_heap_is_frozen_unless_switched_off():
+    assert ChannelConfig.from_credentials(VALID).freeze_startup_heap is True
+    assert ChannelConfig.from_credentials({**VALID, "freeze_startup_heap": "false"}).freeze_startup_heap is False
+
+
 def test_defaults_for_empty_api_url_and_version():
     config = ChannelConfig.from_credentials({**VALID, "api_url": "", "api_version": None})
     assert config.api_url == "https://graph.facebook.com"
@@ -52,6 +57,7 @@ def test_defaults_for_empty_api_url_and_version():
         ({"resume_intent": "/bot_is_back"}, "resume_intent"),
         ({"whatsapp_business_account_id": "WABA-1"}, "whatsapp_business_account_id"),
         ({"template_sync_minutes": 0}, "template_sync_minutes"),
+        ({"freeze_startup_heap": "yes"}, "freeze_startup_heap"),
     ],
 )
 def test_bad_setting_is_named(change, bad_key):
