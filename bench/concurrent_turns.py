@@ -15,7 +15,7 @@ it again; after 10 turns a new customer takes its place:
 
 Phases alternate WhatsApp, REST, WhatsApp, REST for each N (fresh customers each phase), so a
 drift in the machine's load hits both. A phase is a fixed number of turns per customer (about
-320 turns in all); the first phase of each N is preceded by a warm-up of both paths.
+640 turns in all; at least 5 per customer); the first phase of each N is preceded by a warm-up of both paths.
 
 How to read the table (figures are absolute unless they are a ratio):
 
@@ -46,7 +46,7 @@ from bench.bot import model  # noqa: E402
 from bench.results import append, load  # noqa: E402
 from tests.stack import ROOT, Stack, http  # noqa: E402
 
-TOTAL_TURNS = 320
+TOTAL_TURNS = 640
 CONVERSATION_TURNS = 10
 """Then a new customer takes the place: short trackers, as real conversations have, and within
 Meta's pair rate limit (the channel's pacing lets 30 messages to one customer go at once, then
@@ -118,7 +118,7 @@ def main(sizes: List[int]) -> None:
         stack.start()
         bench = Bench(stack)
         for customers in sizes:
-            turns = max(2, TOTAL_TURNS // customers)
+            turns = max(5, TOTAL_TURNS // customers)
             for path in ("whatsapp", "rest"):  # warm-up: first turns are slow, and a new N opens new connections
                 bench.phase(path, customers, 2)
             results[customers] = {"whatsapp": [], "rest": []}

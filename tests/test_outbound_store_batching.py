@@ -116,7 +116,6 @@ async def test_concurrent_customer_reads_are_read_together_and_each_is_right(sta
     assert answers[0].closed_for_inbound == 1_700_000_000 and answers[1].closed_for_inbound is None
     assert all(a.last_inbound_at is None and a.reply_number is None for a in answers[200:])  # never wrote
     assert len([s for s in statements.seen if s[0] == "SELECT"]) < len(asked) / 5
-    assert max(state.backend.access.reader.sizes) > 10
 
 
 async def test_a_read_sees_every_write_awaited_before_it(state):
