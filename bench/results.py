@@ -8,7 +8,7 @@ table to bench/RESULTS.md, in the format the file already uses:
     ```
 
 "+ uncommitted changes" is added when `git status --porcelain` lists a change under connector/
-or bench/ (what the figures depend on). Appends take an exclusive lock on the file, so two
+or bench/ (what the figures depend on), RESULTS.md itself aside. Appends take an exclusive lock on the file, so two
 benchmarks finishing at once do not interleave.
 """
 
@@ -35,7 +35,8 @@ def commit() -> str:
     """The short commit, with "+ uncommitted changes" when connector/ or bench/ differ from it."""
     head = _git("rev-parse", "--short", "HEAD").strip() or "unknown commit"
     changed = [line[3:] for line in _git("status", "--porcelain").splitlines() if len(line) > 3]
-    if any(path.strip('"').startswith(("connector/", "bench/")) for path in changed):
+    if any(path.strip('"').startswith(("connector/", "bench/")) and path.strip('"') != "bench/RESULTS.md"
+           for path in changed):
         head += " + uncommitted changes"
     return head
 
