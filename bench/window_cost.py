@@ -45,6 +45,7 @@ the end.
 
 import argparse
 import asyncio
+import io
 import json
 import logging
 import os
@@ -55,6 +56,7 @@ import sys
 import tempfile
 import time
 import uuid
+from contextlib import redirect_stdout
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -71,6 +73,7 @@ from rasa.shared.core.events import (  # noqa: E402
 from rasa.shared.core.trackers import DialogueStateTracker  # noqa: E402
 from rasa.shared.nlu.constants import INTENT_NAME_KEY  # noqa: E402
 
+from bench.results import append  # noqa: E402
 from connector.care_state import CareState, OutboundRecord, backend_for  # noqa: E402
 from connector.care_state.memory import MemoryBackend  # noqa: E402
 from connector.care_state.sql import customers, outbound, reservations  # noqa: E402
@@ -626,7 +629,11 @@ async def main(explain: bool) -> None:
     started = time.perf_counter()
     for kind in ("sqlite", "postgresql", "in-memory"):
         await bench_store(kind, explain, results, notes)
-    report(results)
+    table = io.StringIO()
+    with redirect_stdout(table):
+        report(results)
+    print(table.getvalue(), end="")
+    print(append("window_cost.py", table.getvalue()))
     print()
     for note in notes:
         print(note)
