@@ -3,6 +3,7 @@ the Cloud API client."""
 
 import asyncio
 import functools
+import gc
 import json
 import logging
 import socket
@@ -52,6 +53,19 @@ from connector.tracker_reads import TrackerReader
 logger = logging.getLogger(__name__)
 
 CHANNEL_NAME = "whatsapp"
+
+
+def freeze_startup_heap() -> None:
+    """Rasa's loaded model is about half a million objects that live as long as the process, and
+    every full garbage collection walked them all: 270-297 ms with the whole process stopped, a
+    few times a minute under load. Frozen, a collection walks only what came after. Process-wide,
+    and once: frozen objects are still freed by reference counting; only a cycle among them (an
+    agent replaced by `PUT /model`) is never collected."""
+    if gc.get_freeze_count() == 0:
+        gc.collect()
+        gc.freeze()
+        logger.info("Froze %d objects of the loaded model out of the garbage collector's full collections "
+                    "(freeze_startup_heap)", gc.get_freeze_count())
 
 
 class WhatsAppOutput(OutputChannel):
@@ -175,6 +189,8 @@ class WhatsAppInput(InputChannel):
         self.handoffs.start()
         if isinstance(self.clock, SimulatorClock):  # time travel: reminders follow the simulator's jumps
             self._clock_follower = asyncio.get_running_loop().create_task(self.clock.follow())
+        if self.config.freeze_startup_heap:
+            freeze_startup_heap()
         self._ready.set()
         self.loop_watch.start()  # from here: the start-up's own blocking work is not a stall of serving
         logger.info("WhatsApp care-window state and inbox: %s; this instance is %s", type(state.backend).__name__, owner)

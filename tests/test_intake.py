@@ -4,6 +4,7 @@ pushes back when full or stopping, and other bots' numbers are left alone. The e
 versions (kill -9, action server down, SIGTERM) are in test_delivery_e2e.py."""
 
 import asyncio
+import gc
 import json
 import time
 
@@ -234,3 +235,4 @@ async def test_a_blocking_call_in_a_turn_shows_as_the_longest_loop_stall():
     assert float(line.split()[1]) >= 0.14
     _, bad = await app.asgi_client.get("/webhooks/whatsapp/intake?token=view&stall_since=yesterday")
     assert bad.status == 400
+    assert gc.get_freeze_count() > 0  # freeze_startup_heap (default on) ran when the channel opened
