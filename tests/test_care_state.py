@@ -105,32 +105,33 @@ def test_concurrent_reservations_from_threads_never_exceed_the_limit(backend, se
 
 
 def test_a_status_moves_forward_once_found_by_callback_id_or_wamid(backend, sender):
+    wamid = f"wamid.X1{sender}"  # PostgreSQL and Redis keep earlier runs' wamids
     sent = record(sender, decision="free_form", template=None, choices=(("1", "/a"), ("2", "/b")))
     backend.add_outbound(sent)
-    accepted = backend.update_outbound("accepted", callback_id=sent.callback_id, wamid="wamid.X1")
-    assert accepted.wamid == "wamid.X1" and accepted.status == "accepted"
-    assert backend.update_outbound("read", wamid="wamid.X1").status == "read"
-    assert backend.update_outbound("delivered", wamid="wamid.X1") is None  # late: never backwards
-    assert backend.update_outbound("sent", wamid="wamid.unknown") is None
+    accepted = backend.update_outbound("accepted", callback_id=sent.callback_id, wamid=wamid)
+    assert accepted.wamid == wamid and accepted.status == "accepted"
+    assert backend.update_outbound("read", wamid=wamid).status == "read"
+    assert backend.update_outbound("delivered", wamid=wamid) is None  # late: never backwards
+    assert backend.update_outbound("sent", wamid=f"wamid.unknown{sender}") is None
     stored = backend.outbound(sent.callback_id)
     assert stored.status == "read" and stored.choices == (("1", "/a"), ("2", "/b"))
 
 
 def test_a_lost_answer_is_resolved_by_the_callback_id_and_only_one_caller_acts(backend, sender):
-    unknown = record(sender)
+    unknown, wamid = record(sender), f"wamid.F{sender}"
     assert backend.reserve_template(unknown, limit=1)
     backend.update_outbound("unknown", callback_id=unknown.callback_id)
     start = threading.Barrier(8)
 
     def fail(_):
         start.wait()
-        return backend.update_outbound("failed", callback_id=unknown.callback_id, wamid="wamid.F",
+        return backend.update_outbound("failed", callback_id=unknown.callback_id, wamid=wamid,
                                        error_code=131047, reason="Re-engagement message")
 
     with ThreadPoolExecutor(max_workers=8) as pool:
         results = [r for r in pool.map(fail, range(8)) if r is not None]
     assert len(results) == 1
-    assert (results[0].status, results[0].wamid, results[0].error_code) == ("failed", "wamid.F", 131047)
+    assert (results[0].status, results[0].wamid, results[0].error_code) == ("failed", wamid, 131047)
 
 
 def test_recent_records_newest_first(backend, sender):

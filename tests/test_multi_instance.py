@@ -4,13 +4,15 @@ never skip). The care window decision is the same on both, and one template per 
 holds across them and across a restart."""
 
 import json
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from connector.signature import sign
-from tests.stack import APP_SECRET, FakeDesk, Stack, http, new_wa_id
+from tests.stack import APP_SECRET, ROOT, FakeDesk, Stack, http, new_wa_id
 from tests.test_e2e import webhook_from
 
 pytestmark = [pytest.mark.e2e, pytest.mark.services]
@@ -188,3 +190,16 @@ def test_a_handoff_holds_on_both_instances_and_the_desk_hears_each_message_once(
     out = [m["payload"] for m in pair.conversation(wa_id)["messages"] if m["direction"] == "out"]
     assert len(out) == 3 and out[1]["text"]["body"] == "Sam here"
 
+
+
+def test_customers_of_two_runs_never_meet_in_the_shared_stores():
+    """PostgreSQL and Redis outlive a test run, and two fresh CI containers start pytest with the
+    same PID: a customer of this run must not inherit an earlier run's tracker or templates."""
+    def one_run():
+        code = "import os; os.getpid = lambda: 4321; from tests.stack import new_wa_id; print(new_wa_id())"
+        return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+
+    first, second = one_run(), one_run()
+    assert first != second
+    assert first.isdigit() and len(first) <= 15  # still a phone number
