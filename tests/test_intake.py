@@ -4,8 +4,10 @@ pushes back when full or stopping, and other bots' numbers are left alone. The e
 versions (kill -9, action server down, SIGTERM) are in test_delivery_e2e.py."""
 
 import asyncio
+import dataclasses
 import gc
 import json
+import threading
 import time
 
 
@@ -236,3 +238,32 @@ async def test_a_blocking_call_in_a_turn_shows_as_the_longest_loop_stall():
     _, bad = await app.asgi_client.get("/webhooks/whatsapp/intake?token=view&stall_since=yesterday")
     assert bad.status == 400
     assert gc.get_freeze_count() > 0  # freeze_startup_heap (default on) ran when the channel opened
+
+
+async def test_a_message_kept_while_meta_hung_up_is_still_handled():
+    """Meta gives up on a slow 200 and the handler is cancelled; the inbox write it started still
+    ends, and what it kept must run now, not wait for its lease to run out."""
+    agent = RecordingAgent()
+    channel, app = channel_with(agent)
+    assert (await post(app, webhook_body("text"))).status == 200  # the state is open
+    await settled(channel)
+    backend, writing, finish = channel.state.backend, threading.Event(), threading.Event()
+    accept_turns = backend.accept_turns
+
+    def slow_accept(*args):
+        writing.set()
+        finish.wait(5)
+        return accept_turns(*args)
+
+    backend.accept_turns = slow_accept
+    (first,) = await channel.state.turns_of(SENDER)
+    turn = dataclasses.replace(first, key="wamid.hungup", text="still here", state="pending", attempts=0)
+    handler = asyncio.ensure_future(channel.intake.accept([turn]))
+    await asyncio.get_running_loop().run_in_executor(None, writing.wait, 5)
+    handler.cancel()
+    await asyncio.gather(handler, return_exceptions=True)
+    finish.set()
+    await asyncio.sleep(0.1)
+    await settled(channel)
+    assert [m.text for m in agent.messages][-1] == "still here"
+    assert (await entry(channel, "wamid.hungup")).state == "done"
