@@ -15,7 +15,6 @@ customer's order. It is done only once Rasa has saved its turn.
 """
 
 import asyncio
-import functools
 import logging
 import time
 from typing import Awaitable, Callable, Dict, List, Optional, Sequence, Set
@@ -92,19 +91,16 @@ class Intake:
         if self.in_flight + self._admitting and self.in_flight + self._admitting + len(turns) > self.max_in_flight:
             raise Busy(f"{self.in_flight} messages in flight (max_in_flight {self.max_in_flight})")
         self._admitting += len(turns)
-        kept = self.state().accept_turns(turns, self.owner, time.time() + self.lease_seconds)
-        kept.add_done_callback(functools.partial(self._kept, turns))
         try:  # shielded: Meta hanging up must not leave kept turns unqueued until their lease ends
-            return await asyncio.shield(kept)
+            return await asyncio.shield(self._keep(turns))
         finally:
             self._admitting -= len(turns)
 
-    def _kept(self, turns: Sequence[PendingTurn], kept: "asyncio.Future[List[str]]") -> None:
-        """Queues the turns new to the inbox the moment the write ends, before the 200 goes out."""
-        if kept.cancelled() or kept.exception() is not None:
-            return  # nothing was kept: the caller gets the error, Meta retries
-        taken = set(kept.result())
+    async def _keep(self, turns: Sequence[PendingTurn]) -> List[str]:
+        keys = await self.state().accept_turns(turns, self.owner, time.time() + self.lease_seconds)
+        taken = set(keys)
         self._queue([turn for turn in turns if turn.key in taken], recovered=False)
+        return keys
 
     async def start(self, owner: str) -> None:
         """Take over what this instance left pending in an earlier life, then keep watch."""

@@ -266,10 +266,8 @@ class CareState:
     async def recent_outbound(self, sender_id: str, limit: int = 50) -> List[OutboundRecord]:
         return await self.run(self.backend.recent_outbound, sender_id, limit)
 
-    def accept_turns(self, turns: Sequence[PendingTurn], owner: str, lease_until: float) -> "asyncio.Future[List[str]]":
-        """The executor's future itself, not a coroutine: the webhook's 200 waits on it with no Task
-        in between, two trips through a busy loop fewer per acknowledgement."""
-        return asyncio.get_running_loop().run_in_executor(
+    async def accept_turns(self, turns: Sequence[PendingTurn], owner: str, lease_until: float) -> List[str]:
+        return await asyncio.get_running_loop().run_in_executor(
             self._intake_pool, self.backend.accept_turns, turns, owner, lease_until)
 
     async def renew_leases(self, keys: Sequence[str], owner: str, lease_until: float) -> None:
