@@ -191,7 +191,6 @@ def test_a_handoff_holds_on_both_instances_and_the_desk_hears_each_message_once(
     assert len(out) == 3 and out[1]["text"]["body"] == "Sam here"
 
 
-
 def test_customers_of_two_runs_never_meet_in_the_shared_stores():
     """PostgreSQL and Redis outlive a test run, and two fresh CI containers start pytest with the
     same PID: a customer of this run must not inherit an earlier run's tracker or templates."""
