@@ -30,13 +30,13 @@ requirements_hash=$(sha256sum requirements.txt | cut -d' ' -f1)
 if [ "$(cat "$VENV/.requirements.sha256" 2>/dev/null)" != "$requirements_hash" ]; then
   python310=$(find_python310)
   echo "bootstrap: creating $VENV with $python310 and installing requirements.txt (about 3 minutes)"
-  started=$SECONDS
+  bootstrap_started=$SECONDS
   rm -rf "$VENV"
   "$python310" -m venv "$VENV"
   "$VENV/bin/python" -m pip install --quiet --upgrade pip==24.2
   "$VENV/bin/python" -m pip install --quiet -r requirements.txt
   echo "$requirements_hash" > "$VENV/.requirements.sha256"
-  echo "bootstrap: installed in $((SECONDS - started)) s"
+  echo "bootstrap: installed in $((SECONDS - bootstrap_started)) s"
 fi
 
 # Sentry is set up whenever the wheel ships its `keys` file, whatever RASA_TELEMETRY_ENABLED
@@ -46,9 +46,9 @@ keys_file=$("$VENV/bin/python" -c 'import os, rasa; print(os.path.join(os.path.d
 
 training_hash=$(cat config.yml domain.yml $(find data -type f | sort) | sha256sum | cut -d' ' -f1)
 if [ ! -f "$MODEL" ] || [ "$(cat "$MODEL.sha256" 2>/dev/null)" != "$training_hash" ]; then
-  echo "bootstrap: training the model (config.yml, domain.yml or data/ changed; about 1½ minutes)"
-  started=$SECONDS
+  echo "bootstrap: training the model (config.yml, domain.yml or data/ changed; about a minute)"
+  bootstrap_started=$SECONDS
   "$VENV/bin/rasa" train --fixed-model-name whatsapp-demo --out models --quiet
-  echo "bootstrap: trained in $((SECONDS - started)) s"
+  echo "bootstrap: trained in $((SECONDS - bootstrap_started)) s"
   echo "$training_hash" > "$MODEL.sha256"
 fi
